@@ -1,0 +1,1 @@
+"""Alignment: pure losses, advantage estimators and the trainers built on them."""
