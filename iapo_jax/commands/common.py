@@ -1,0 +1,267 @@
+"""What every job shares: its run directory, run record, metrics, seeds, timings and summary.
+
+The CLI opens a ``JobContext`` around ``job.run(cfg)``; inside, a job asks for it with
+``current_context()``. A job that is also called from Python (a notebook) uses ``job_context``,
+which reuses the CLI's context or opens its own::
+
+    def run(cfg: CtrlConfig) -> dict:
+        with job_context("ctrl", cfg) as ctx:
+            key = ctx.key(cfg.seed)                  # recorded in the manifest
+            mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor); ctx.set_mesh(mesh)
+            ctx.add_data("prompts", prompts)         # fingerprint
+            ckpt = ctx.checkpointer(keep_last=2)     # <run_dir>/checkpoints, steps recorded
+            for step in ctx.progress(range(cfg.steps), desc="ctrl"):
+                ...
+                ctx.log(step, loss=loss, reward=reward)   # metrics.jsonl + TensorBoard
+            return {"win_rate": wr}                  # final metrics, compared by `iapo reproduce`
+
+On exit the record gets status, metrics, timings and checkpoint steps, and process 0 prints a
+summary table (to stderr, so stdout stays free for a job's own output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from iapo_jax.errors import IapoError
+from iapo_jax.runtime.jsonable import flatten_scalars
+from iapo_jax.runtime.manifest import MANIFEST, RunRecord, load_record
+
+RUNS_ROOT = Path("runs")
+CHECKPOINT_DIR = "checkpoints"
+_SUMMARY_ROWS = 40
+
+_current: contextvars.ContextVar["JobContext | None"] = contextvars.ContextVar("job", default=None)
+
+
+class RunDirError(IapoError, ValueError):
+    """The run directory cannot be used as asked (already used, or missing when resuming)."""
+
+
+def current_context() -> "JobContext | None":
+    """The JobContext of the job running now, or None outside a job."""
+    return _current.get()
+
+
+def _agree_across_processes(path: Path) -> Path:
+    """Every process uses process 0's choice (default names contain a timestamp)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return path
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = str(path).encode()[:1024].ljust(1024, b"\0")
+    agreed = multihost_utils.broadcast_one_to_all(np.frombuffer(raw, dtype=np.uint8))
+    return Path(bytes(np.asarray(agreed, dtype=np.uint8)).rstrip(b"\0").decode())
+
+
+def new_run_dir(job: str, root: str | Path = RUNS_ROOT) -> Path:
+    """A fresh ``<root>/<job>-<YYYYmmdd-HHMMSS>[-k]`` name (not yet created)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = Path(root) / f"{job}-{stamp}"
+    k = 1
+    while candidate.exists():
+        candidate = Path(root) / f"{job}-{stamp}-{k}"
+        k += 1
+    return candidate
+
+
+class JobContext:
+    """Run directory, RunRecord, MetricsWriter, seeds and timings of one job; see module docstring.
+
+    Args:
+      job: the job's name (as in ``iapo <job>``).
+      config: the resolved config (stored in the record).
+      run_dir: where to write; default ``runs/<job>-<time>``. Without ``resume`` it must not
+        already hold a run; with ``resume`` it must.
+      resume: continue the run in ``run_dir`` (jobs read ``ctx.resume`` to restore checkpoints).
+      argv: the command line to record (default ``sys.argv``).
+      tensorboard: also write TensorBoard events.
+    """
+
+    def __init__(self, job: str, config: Any, run_dir: str | Path | None = None, *,
+                 resume: bool = False, argv: list[str] | None = None, tensorboard: bool = True):
+        self.job = job
+        self.config = config
+        self.resume = resume
+        self._requested_dir = None if run_dir is None else Path(run_dir)
+        self._argv = argv
+        self._tensorboard = tensorboard
+        self._checkpointers: list[Any] = []
+        self._final: dict[str, Any] = {}
+        self._token = None
+        self._previous: dict[str, Any] | None = None
+        self.run_dir: Path = Path()
+        self.record: RunRecord
+        self.metrics: Any
+
+    # -- entering and leaving -------------------------------------------------------------------
+    def _prepare_run_dir(self) -> Path:
+        requested = self._requested_dir
+        if self.resume:
+            if requested is None:
+                raise RunDirError("--resume needs --run-dir PATH naming the run to continue")
+            self._previous = load_record(requested)  # MissingRecordError says how to fix it
+            if self._previous.get("job") != self.job:
+                raise RunDirError(
+                    f"{requested} holds a {self._previous.get('job')!r} run, not {self.job!r}; "
+                    f"resume it with `iapo {self._previous.get('job')}`"
+                )
+            return requested
+        if requested is None:
+            requested = _agree_across_processes(new_run_dir(self.job))
+        elif (requested / MANIFEST).exists():
+            raise RunDirError(
+                f"{requested} already holds a run; pass --resume to continue it or choose a new "
+                "--run-dir"
+            )
+        return requested
+
+    def __enter__(self) -> "JobContext":
+        from iapo_jax.parallel.distributed import is_main_process
+        from iapo_jax.runtime.metrics import MetricsWriter
+
+        self.run_dir = self._prepare_run_dir()
+        self.is_main = is_main_process()
+        self._created_dir = not self.run_dir.exists()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.record = RunRecord(self.run_dir, self.job, self.config, argv=self._argv)
+        if self._previous is not None:
+            attempts = list(self._previous.get("extra", {}).get("attempts", []))
+            attempts.append({k: self._previous.get(k) for k in ("started", "finished", "status")})
+            self.record.set_extra("attempts", attempts)
+            for step in self._previous.get("checkpoints", []):
+                self.record.add_checkpoint(step)
+        for name, value in flatten_scalars(self.config).items():
+            leaf = name.rsplit(".", 1)[-1]
+            if (leaf == "seed" or leaf.endswith("_seed")) and isinstance(value, int):
+                self.record.add_seed(name, value)
+        self.metrics = MetricsWriter(self.run_dir, tensorboard=self._tensorboard)
+        self.record.write()
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _current.reset(self._token)
+        status = "ok"
+        for ckpt in self._checkpointers:
+            with contextlib.suppress(Exception):
+                if ckpt.should_stop:
+                    status = "preempted"
+                ckpt.close()
+        if exc is not None:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        self.metrics.close()
+        if self._rejected_input(exc):
+            # Bad input caught before any result existed: leave no run directory behind.
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        self.record.set_metrics(self._final)
+        self.record.finish(status, error=exc)
+        if exc is None and self.is_main:
+            self.print_summary()
+
+    def _rejected_input(self, exc: BaseException | None) -> bool:
+        if not (isinstance(exc, (IapoError, ValueError)) and self.is_main and self._created_dir):
+            return False
+        return [p.name for p in self.run_dir.iterdir()] == [MANIFEST]
+
+    # -- what jobs call -------------------------------------------------------------------------
+    def key(self, seed: int, name: str = "seed"):
+        """``jax.random.key(seed)``, with the seed recorded under ``name``."""
+        import jax
+
+        self.record.add_seed(name, seed)
+        return jax.random.key(seed)
+
+    def set_mesh(self, mesh: Any) -> None:
+        self.record.set_mesh(mesh)
+
+    def add_data(self, name: str, data: Any = None, *, path: str | os.PathLike | None = None,
+                 **details: Any) -> str:
+        """Fingerprint in-memory ``data`` (prompts, arrays, ...) or a file/folder ``path``."""
+        if path is not None:
+            return self.record.add_data(name, path=path, **details)
+        from iapo_jax.data.fingerprint import fingerprint
+
+        return self.record.add_data(name, fingerprint(data), **details)
+
+    def log(self, step: int, metrics: Mapping[str, Any] | None = None, **more: Any) -> None:
+        """Step metrics to metrics.jsonl and TensorBoard (process 0)."""
+        self.metrics.write(step, {**(metrics or {}), **more})
+
+    def timer(self, name: str):
+        """``with ctx.timer("calibrate"): ...`` adds the seconds to the record's timings."""
+        return self.record.timer(name)
+
+    def progress(self, iterable=None, **kwargs):
+        """A progress bar (rate, ETA) shown only to a human on process 0."""
+        from iapo_jax.runtime.progress import progress
+
+        return progress(iterable, **kwargs)
+
+    def checkpointer(self, **options: Any):
+        """A Checkpointer in ``<run_dir>/checkpoints`` whose saved steps go into the record."""
+        from iapo_jax.runtime.checkpointing import Checkpointer
+
+        ckpt = Checkpointer(self.run_dir / CHECKPOINT_DIR, on_save=self._on_checkpoint, **options)
+        self._checkpointers.append(ckpt)
+        return ckpt
+
+    def _on_checkpoint(self, step: int) -> None:
+        self.record.add_checkpoint(step)
+        self.record.write()  # a preempted run's record still lists its last checkpoint
+
+    def set_result(self, metrics: Mapping[str, Any]) -> None:
+        """Final metrics (numeric leaves, nested keys joined with '.')."""
+        self._final.update(flatten_scalars(dict(metrics)))
+
+    def print_summary(self, file=None) -> None:
+        from iapo_jax.runtime.progress import print_table
+
+        rows = [{"metric": k, "value": v} for k, v in list(self._final.items())[:_SUMMARY_ROWS]]
+        if len(self._final) > _SUMMARY_ROWS:
+            rows.append({"metric": f"... {len(self._final) - _SUMMARY_ROWS} more", "value": ""})
+        total = self.record.data["timings"].get("total", 0.0)
+        title = f"{self.job}: done in {total:.1f} s; run record in {self.run_dir}"
+        if rows:
+            print_table(rows, title=title, file=file)
+        else:
+            print(title, file=file or sys.stderr)
+
+
+@contextlib.contextmanager
+def job_context(job: str, config: Any, run_dir: str | Path | None = None, **kwargs: Any
+                ) -> Iterator[JobContext]:
+    """The running job's context when there is one for ``job``, else a new one (closed on exit)."""
+    active = current_context()
+    if active is not None and active.job == job:
+        yield active
+        return
+    with JobContext(job, config, run_dir, **kwargs) as ctx:
+        yield ctx
+
+
+def run_job(job: Any, config: Any, *, run_dir: str | Path | None = None, resume: bool = False,
+            argv: list[str] | None = None, extra: Mapping[str, Any] | None = None) -> JobContext:
+    """Run ``job`` (a ``commands.Job``) with ``config`` inside a JobContext; returns the context.
+
+    The numbers in the dict ``job.run`` returns become the record's final metrics.
+    """
+    with JobContext(job.name, config, run_dir, resume=resume, argv=argv) as ctx:
+        for key, value in (extra or {}).items():
+            ctx.record.set_extra(key, value)
+        result = job.run(config)
+        if isinstance(result, Mapping):
+            ctx.set_result(result)
+    return ctx

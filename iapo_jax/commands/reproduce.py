@@ -1,0 +1,194 @@
+"""``iapo reproduce RUN_DIR``: rerun a recorded job with its recorded config and compare the numbers.
+
+The rerun goes into a new run directory. Every final metric of the record, and every logged series
+in metrics.jsonl, is compared: exactly when the machine type (backend, device kind, CPU model),
+device and process counts and JAX version are the same as recorded, else within ``rtol``. Any
+difference makes the command exit with status 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import tyro
+
+from iapo_jax.errors import IapoError
+
+MANAGES_RUN_DIR = True  # the CLI passes --run-dir to run() instead of opening a JobContext
+
+
+class ReproduceMismatch(Exception):
+    """The rerun's numbers differ from the record (the CLI exits with status 3)."""
+
+
+class NotReproducibleError(IapoError, ValueError):
+    """The record cannot be rerun (unfinished run, unknown job, config no longer valid)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    """Rerun a recorded run into a new run directory and compare its metrics one by one."""
+
+    source: tyro.conf.Positional[Path]
+    """Run directory to reproduce (it holds manifest.json)."""
+    rtol: float = 1e-4
+    """Relative tolerance used when the machine type or device count differs from the record
+    (on the same machine type and device count the numbers must match exactly)."""
+    atol: float = 1e-9
+    """Absolute tolerance added to rtol for values near zero (also only across machines)."""
+    ignore: tuple[str, ...] = ()
+    """Metric-name patterns (fnmatch, e.g. '*_seconds') not to compare, on top of the job's own
+    REPRODUCE_IGNORE (timings and other numbers that vary between runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str  # as shown in the table
+    recorded: Any
+    rerun: Any
+    rel_diff: float | None
+    ok: bool
+    note: str = ""
+    metric: str = ""  # the bare metric name (for ignore patterns); defaults to ``name``
+
+    def __post_init__(self):
+        if not self.metric:
+            object.__setattr__(self, "metric", self.name)
+
+
+def _rel_diff(a: float, b: float) -> float:
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    scale = max(abs(a), abs(b))
+    return abs(a - b) / scale if scale > 0 and math.isfinite(scale) else math.inf
+
+
+def _check(name: str, old: Any, new: Any, rtol: float, atol: float) -> Check:
+    from iapo_jax.runtime.jsonable import same_number
+
+    if old is None or new is None:
+        side = "record" if old is None else "rerun"
+        return Check(name, old, new, None, False, f"missing in {side}")
+    ok = same_number(new, old, rtol, atol)
+    return Check(name, old, new, _rel_diff(float(old), float(new)), ok)
+
+
+def compare_metrics(old: dict, new: dict, rtol: float = 0.0, atol: float = 0.0) -> list[Check]:
+    """Final metrics, name by name (a name present on one side only is a mismatch)."""
+    return [_check(k, old.get(k), new.get(k), rtol, atol) for k in sorted(set(old) | set(new))]
+
+
+def _series(rows: list[dict]) -> dict[str, dict[int, float]]:
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in ("step", "time") or not isinstance(value, (int, float)):
+                continue
+            series.setdefault(key, {})[int(row.get("step", -1))] = value
+    return series
+
+
+def compare_series(old_rows: list[dict], new_rows: list[dict], rtol: float = 0.0,
+                   atol: float = 0.0) -> list[Check]:
+    """Logged step metrics: one check per metric name, reporting its worst step."""
+    old, new = _series(old_rows), _series(new_rows)
+    checks = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, {}), new.get(name, {})
+        label = f"{name} (series, {len(a)} steps)"
+        if set(a) != set(b):
+            checks.append(Check(label, len(a), len(b), None, False, "logged steps differ", name))
+            continue
+        per_step = [_check(name, a[s], b[s], rtol, atol) for s in sorted(a)]
+        worst = max(per_step, key=lambda c: (not c.ok, c.rel_diff or 0.0))
+        step = sorted(a)[per_step.index(worst)]
+        checks.append(Check(label, worst.recorded, worst.rerun, worst.rel_diff,
+                            all(c.ok for c in per_step), f"worst at step {step}", name))
+    return checks
+
+
+def _code_notes(old: dict, new: dict) -> list[str]:
+    notes = []
+    old_code, new_code = old.get("code") or {}, new.get("code") or {}
+    if old_code.get("source_sha256") != new_code.get("source_sha256"):
+        notes.append("the package source differs from the recorded run's")
+    old_git, new_git = old_code.get("git") or {}, new_code.get("git") or {}
+    if old_git.get("commit") != new_git.get("commit"):
+        notes.append(f"git commit {old_git.get('commit')} was recorded, now {new_git.get('commit')}")
+    if old.get("packages") != new.get("packages"):
+        changed = sorted(k for k in set(old.get("packages") or {}) | set(new.get("packages") or {})
+                         if (old.get("packages") or {}).get(k) != (new.get("packages") or {}).get(k))
+        notes.append(f"package versions differ: {', '.join(changed[:8])}")
+    return notes
+
+
+def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
+    """Rerun ``cfg.source`` into ``run_dir`` (default: a new folder under runs/) and compare."""
+    from iapo_jax.commands import UnknownJobError, load_job
+    from iapo_jax.commands.common import run_job
+    from iapo_jax.commands.configs import ConfigError, config_from_mapping
+    from iapo_jax.runtime.environment import machine_signature
+    from iapo_jax.runtime.manifest import load_record
+    from iapo_jax.runtime.metrics import read_metrics
+    from iapo_jax.runtime.progress import print_table
+
+    if cfg.rtol < 0 or cfg.atol < 0:
+        raise ValueError("rtol and atol must be >= 0")
+    old = load_record(cfg.source)
+    if old.get("status") != "ok":
+        raise NotReproducibleError(
+            f"{cfg.source} records a run with status {old.get('status')!r}; only finished runs "
+            "(status 'ok') can be reproduced"
+        )
+    if old["job"] == "reproduce":
+        raise NotReproducibleError("a reproduce record has nothing to rerun; pass the original run")
+    try:
+        job = load_job(old["job"])
+        config = config_from_mapping(job.config_type, old.get("config") or {})
+    except (UnknownJobError, ConfigError) as err:
+        raise NotReproducibleError(f"cannot rerun {cfg.source}: {err}") from None
+
+    ctx = run_job(job, config, run_dir=run_dir, extra={"reproduces": str(cfg.source)})
+    new = ctx.record.data
+
+    same = machine_signature(old) == machine_signature(new)
+    rtol, atol = (0.0, 0.0) if same else (cfg.rtol, cfg.atol)
+    checks = compare_metrics(old.get("metrics") or {}, new.get("metrics") or {}, rtol, atol)
+    checks += compare_series(read_metrics(cfg.source), read_metrics(ctx.run_dir), rtol, atol)
+    patterns = tuple(cfg.ignore) + tuple(getattr(job.module, "REPRODUCE_IGNORE", ()))
+    checks = [c for c in checks if not any(fnmatch.fnmatchcase(c.metric, p) for p in patterns)]
+    failed = [c for c in checks if not c.ok]
+
+    rule = "exact (same machine type and device count)" if same else (
+        f"within rtol={cfg.rtol:g}, atol={cfg.atol:g} (machine differs: recorded "
+        f"{machine_signature(old)}, now {machine_signature(new)})")
+    ctx.record.set_extra("reproduction", {
+        "source": str(cfg.source), "rule": rule, "checks": len(checks), "mismatches": len(failed),
+        "failed": [c.name for c in failed],
+    })
+    ctx.record.write()
+
+    if ctx.is_main:
+        print_table(
+            [{"metric": c.name, "recorded": c.recorded, "rerun": c.rerun,
+              "rel. diff": "" if c.rel_diff is None else f"{c.rel_diff:.2e}",
+              "result": ("match" if c.ok else "MISMATCH") + (f" ({c.note})" if c.note else "")}
+             for c in checks],
+            title=f"reproduce {cfg.source} -> {ctx.run_dir}: comparing {rule}",
+        )
+        for note in _code_notes(old, new):
+            print(f"note: {note}", file=sys.stderr)
+    if not checks:
+        print("note: the record has no metrics to compare", file=sys.stderr)
+    if failed:
+        raise ReproduceMismatch(
+            f"{len(failed)} of {len(checks)} metrics differ from {cfg.source} "
+            f"({', '.join(c.name for c in failed[:3])}{', ...' if len(failed) > 3 else ''}); "
+            f"the rerun is in {ctx.run_dir}"
+        )
+    return {"checks": len(checks), "mismatches": 0, "run_dir": str(ctx.run_dir)}
