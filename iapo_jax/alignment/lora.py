@@ -1,68 +1,74 @@
 """Functional LoRA: low-rank deltas on selected weights, merged inside the jitted step.
 
-The base parameters stay frozen and untouched; only the (A, B) factors are trained. Merging is
-W + (alpha / r) * A @ B on the last two axes, so it works for stacked per-layer weights
-[layers, in, out] as well as plain matrices, and needs nothing from the model definition.
+The base parameters stay frozen and untouched; only the (A, B) factors are trained. A target is a
+stacked per-layer kernel [layers, *in_axes, *out_axes] (the layout of iapo_jax.models); its delta
+is (alpha / r) * A @ B with A [layers, prod(in), r] and B [layers, r, prod(out)], reshaped back.
+Nothing here depends on the model code beyond those parameter names.
 """
 
 from __future__ import annotations
 
-import re
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Attention and MLP projections of Llama- and GPT-2-style blocks, as named in iapo_jax.models.
-DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|attn_out|fc_in|fc_out)"
+# Decoder kernels and how many of their axes (after 'layers') are input axes.
+DEFAULT_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
 def _path_str(path) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
-def lora_targets(state: nnx.State, pattern: str = DEFAULT_TARGETS) -> list[str]:
-    """Paths of the weight matrices that receive a LoRA delta."""
-    flat = nnx.to_flat_state(state)
-    rx = re.compile(pattern)
+def _target_in_axes(name: str, targets: dict[str, int]) -> int | None:
+    leaf = name.rsplit("/", 1)[-1]
+    return targets.get(leaf)
+
+
+def lora_targets(state: nnx.State, targets: dict[str, int] = DEFAULT_TARGETS) -> list[str]:
+    """Paths of the kernels that receive a LoRA delta."""
     return [
-        _path_str(path)
-        for path, var in flat
-        if rx.search(_path_str(path)) and var[...].ndim >= 2
-        and not _path_str(path).endswith("bias")
+        _path_str(p) for p, var in nnx.to_flat_state(state)
+        if _target_in_axes(_path_str(p), targets) is not None and var[...].ndim >= 3
     ]
 
 
-def init_lora(state: nnx.State, rank: int, key, pattern: str = DEFAULT_TARGETS) -> dict:
-    """{path: (A [..., in, r], B [..., r, out])}; B starts at zero so the merged model equals the base."""
+def _split_shape(shape, n_in):
+    lead, rest = shape[:1], shape[1:]
+    return lead, math.prod(rest[:n_in]), math.prod(rest[n_in:])
+
+
+def init_lora(state: nnx.State, rank: int, key, targets: dict[str, int] = DEFAULT_TARGETS) -> dict:
+    """{path: (A, B)}; B starts at zero so the merged model equals the base exactly."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1 (got {rank}); use rank 0 for full fine-tuning")
-    targets = set(lora_targets(state, pattern))
-    if not targets:
-        raise ValueError(f"no parameter path matches the LoRA target pattern {pattern!r}")
+    names = set(lora_targets(state, targets))
+    if not names:
+        raise ValueError(f"no parameter matches the LoRA targets {sorted(targets)}")
     factors = {}
     for path, var in nnx.to_flat_state(state):
         name = _path_str(path)
-        if name not in targets:
+        if name not in names:
             continue
-        w = var[...]
+        lead, d_in, d_out = _split_shape(var[...].shape, _target_in_axes(name, targets))
         key, sub = jax.random.split(key)
-        *lead, d_in, d_out = w.shape
         a = jax.random.normal(sub, (*lead, d_in, rank), jnp.float32) / jnp.sqrt(d_in)
         factors[name] = (a, jnp.zeros((*lead, rank, d_out), jnp.float32))
     return factors
 
 
 def merge_lora(state: nnx.State, factors: dict, alpha: float, rank: int) -> nnx.State:
-    """Base state with W + (alpha / r) A @ B on every factored path (a new state; pure)."""
+    """Base state with W + (alpha / r) A @ B on every factored kernel (a new state; pure)."""
     scale = alpha / rank
-    flat = nnx.to_flat_state(state)
     merged = []
-    for path, var in flat:
+    for path, var in nnx.to_flat_state(state):
         name = _path_str(path)
         if name in factors:
             a, b = factors[name]
             w = var[...]
-            var = var.replace(w + (scale * (a @ b)).astype(w.dtype))
+            delta = (scale * jnp.matmul(a, b)).reshape(w.shape).astype(w.dtype)
+            var = var.replace(w + delta)
         merged.append((path, var))
     return nnx.from_flat_state(merged)

@@ -1,0 +1,220 @@
+"""CTRL: calibrate-and-transform RL (InfAlign, arXiv 2412.19792), and its baselines in one trainer.
+
+One step: sample n responses per prompt from the current policy with log-probs under the policy and
+the frozen reference, score them, calibrate each score against that prompt's reference pool, apply
+the transform, fold in the KL penalty, turn rewards into leave-one-out advantages and take one (or,
+with PPO, several) jit-compiled gradient steps. 'raw' RLHF skips calibration; 'identity' is
+calibrated RLHF; 'log' is the best-of-N distillation target; 'exp' / 'negexp' are CTRL for
+best-of-N / worst-of-N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from iapo_jax.alignment import lora, losses
+from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.alignment.ctrl_step import (
+    RolloutBatch,
+    StepOptions,
+    make_train_step,
+    policy_state,
+    sequence_rewards_to_advantages,
+)
+from iapo_jax.decoding.inputs import prepare
+from iapo_jax.decoding.sampler import sample_batch
+from iapo_jax.rewards.calibration import ReferencePool
+from iapo_jax.rewards.transforms import get_transform
+
+
+def check_same_tokenizer(policy, reference, tokenizer=None, ref_tokenizer=None) -> None:
+    """Policy and reference must share a vocabulary, or log-ratios compare different tokens."""
+    if policy.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(
+            f"policy vocabulary ({policy.config.vocab_size}) differs from the reference's "
+            f"({reference.config.vocab_size}); start the policy from the reference checkpoint"
+        )
+    if tokenizer is not None and ref_tokenizer is not None and tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise ValueError("policy and reference tokenizers differ; use the reference's tokenizer for both")
+
+
+def resolve_t(cfg: CTRLConfig) -> float | None:
+    """The transform parameter: given, or the analytic tool's best t for (procedure, N, KL)."""
+    if cfg.transform not in ("exp", "negexp"):
+        return None
+    if cfg.t is not None:
+        return float(cfg.t)
+    from iapo_jax.theory.api import best_t_for
+
+    target = cfg.target_kl if cfg.target_kl is not None else 1.0
+    return float(best_t_for(cfg.procedure, cfg.deploy_n, cfg.transform, target))
+
+
+def make_optimizer(cfg: CTRLConfig) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.warmup_steps == 0:
+        schedule = optax.constant_schedule(cfg.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adamw(schedule, weight_decay=0.0))
+
+
+@dataclasses.dataclass
+class StepResult:
+    metrics: dict[str, float]
+    texts: tuple[str, ...]
+
+
+class CTRLTrainer:
+    """Trains `policy` (updated in place) against a frozen `reference` on Phi(calibrated reward).
+
+    reward: a batched `score(prompts, responses) -> [n]` (see iapo_jax.rewards).
+    pool: reference pools for every training prompt (and the probe prompts, if any).
+    """
+
+    def __init__(
+        self,
+        cfg: CTRLConfig,
+        policy,
+        reference,
+        tokenizer,
+        reward,
+        pool: ReferencePool | None,
+        train_prompts: Sequence[str],
+        *,
+        probe_prompts: Sequence[str] = (),
+        ref_tokenizer=None,
+        log: Callable[..., None] | None = None,
+    ):
+        self.cfg = cfg.validate()
+        check_same_tokenizer(policy, reference, tokenizer, ref_tokenizer)
+        if cfg.transform != "raw":
+            if pool is None:
+                raise ValueError(f"transform {cfg.transform!r} needs reference pools; build them first "
+                                 "(iapo calibrate) or use transform='raw'")
+            missing = [p for p in list(train_prompts) + list(probe_prompts) if p not in set(pool.prompts)]
+            if missing:
+                raise ValueError(f"{len(missing)} prompts have no reference pool (first: {missing[0]!r}); "
+                                 "calibrate on the same prompt set")
+        if not train_prompts:
+            raise ValueError("no training prompts given")
+        self.policy, self.reference, self.tokenizer, self.reward, self.pool = (
+            policy, reference, tokenizer, reward, pool)
+        self.train_prompts, self.probe_prompts = list(train_prompts), list(probe_prompts)
+        self.log = log
+        self.t = resolve_t(cfg)
+        self.phi = None if cfg.transform == "raw" else get_transform(cfg.transform, self.t)
+        self.beta = float(cfg.beta)
+        self.opts = StepOptions(
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, kl_in_loss=cfg.kl_in_loss,
+            kl_estimator=cfg.kl_estimator, use_clip=cfg.clip_eps is not None,
+        )
+        self.graphdef, base = nnx.split(policy)
+        key = jax.random.key(cfg.seed)
+        self.key, lora_key = jax.random.split(key)
+        if cfg.lora_rank:
+            self.frozen, self.trainable = base, lora.init_lora(base, cfg.lora_rank, lora_key)
+        else:
+            self.frozen, self.trainable = None, base
+        self.optimizer = make_optimizer(cfg)
+        self.opt_state = self.optimizer.init(self.trainable)
+        self._step_fn = make_train_step(self.graphdef, self.optimizer, self.opts)
+        self.step = 0
+        order = np.random.default_rng(cfg.seed).permutation(len(self.train_prompts))
+        self._order = [self.train_prompts[i] for i in order]
+
+    # -- state ----------------------------------------------------------------------------------
+    def current_policy(self):
+        """The policy with the latest weights (LoRA factors merged) as an NNX module."""
+        return nnx.merge(self.graphdef, policy_state(self.frozen, self.trainable, self.opts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
+
+    # -- one step -------------------------------------------------------------------------------
+    def _prompts_for(self, step: int) -> list[str]:
+        k = self.cfg.prompts_per_step
+        start = (step * k) % len(self._order)
+        idx = [(start + i) % len(self._order) for i in range(k)]
+        return [self._order[i] for i in idx]
+
+    def shaped_rewards(self, prompts: Sequence[str], raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores [P, n] -> (calibrated [P, n] or NaN for 'raw', task reward R [P, n])."""
+        if self.cfg.transform == "raw":
+            return np.full_like(raw, np.nan), raw
+        u = np.asarray(self.pool.calibrate(list(prompts), raw), np.float32)
+        return u, np.asarray(self.phi(jnp.asarray(u)), np.float32)
+
+    def train_step(self) -> StepResult:
+        cfg, n = self.cfg, self.cfg.samples_per_prompt
+        prompts = self._prompts_for(self.step)
+        self.key, sample_key = jax.random.split(self.key)
+        policy = self.current_policy()
+        batch = prepare(policy, prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=self.tokenizer,
+                        key=sample_key, temperature=cfg.temperature)
+        out = sample_batch(policy, batch, n=n, ref_model=self.reference, tokenizer=self.tokenizer)
+        responses = list(out.texts)
+        raw = self.reward.score([p for p in prompts for _ in range(n)], responses)
+        raw = np.asarray(raw, np.float32).reshape(len(prompts), n)
+        calibrated, task = self.shaped_rewards(prompts, raw)
+        lengths = out.lengths
+        mask = (jnp.arange(out.tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
+        adv = sequence_rewards_to_advantages(
+            jnp.asarray(task.reshape(-1)), out.raw_logprobs, out.ref_logprobs, mask, self.beta, n,
+            cfg.kl_in_loss, cfg.advantage,
+        )
+        rollout = RolloutBatch(
+            prompt_ids=jnp.repeat(batch.ids, n, axis=0), prompt_mask=jnp.repeat(batch.mask, n, axis=0),
+            tokens=out.tokens, lengths=lengths, advantages=adv,
+            old_logp=out.raw_logprobs, ref_logp=out.ref_logprobs,
+        )
+        clip = jnp.float32(cfg.clip_eps if cfg.clip_eps is not None else 0.2)
+        for _ in range(cfg.ppo_epochs):
+            self.trainable, self.opt_state, m = self._step_fn(
+                self.trainable, self.frozen, self.opt_state, rollout, jnp.float32(self.beta), clip)
+        seq_kl = losses.sequence_kl(out.raw_logprobs, out.ref_logprobs, mask, "k1")
+        kl = float(jnp.mean(seq_kl))
+        metrics = {k: float(v) for k, v in m.items()}
+        metrics.update(
+            raw_reward=float(raw.mean()), task_reward=float(task.mean()), kl=kl, beta=self.beta,
+            response_tokens=float(jnp.mean(lengths)),
+        )
+        if cfg.transform != "raw":
+            metrics["calibrated_reward"] = float(np.mean(calibrated))
+        if cfg.target_kl is not None:
+            self.beta = float(losses.adaptive_beta(self.beta, kl, cfg.target_kl, cfg.kl_controller_gain))
+        self.step += 1
+        return StepResult(metrics, tuple(responses))
+
+    # -- probe ------------------------------------------------------------------------------------
+    def probe_win_rate(self, samples_per_prompt: int | None = None, seed: int = 1234) -> float:
+        """E[C(x, y)] for fresh policy samples on the probe prompts = win rate against pi_ref."""
+        if not self.probe_prompts or self.pool is None:
+            return float("nan")
+        samples_per_prompt = samples_per_prompt or self.cfg.samples_per_prompt
+        policy = self.current_policy()
+        batch = prepare(policy, self.probe_prompts, max_new_tokens=self.cfg.max_new_tokens,
+                        tokenizer=self.tokenizer, key=seed)
+        out = sample_batch(policy, batch, n=samples_per_prompt, tokenizer=self.tokenizer)
+        rep = [p for p in self.probe_prompts for _ in range(samples_per_prompt)]
+        raw = np.asarray(self.reward.score(rep, list(out.texts)), np.float32)
+        u = self.pool.calibrate(self.probe_prompts, raw.reshape(len(self.probe_prompts), -1))
+        return float(np.mean(u))
+
+    def train(self, steps: int | None = None, probe_every: int = 0, progress=None) -> list[dict]:
+        history = []
+        steps = self.cfg.steps if steps is None else steps
+        it = range(self.step, steps)
+        for _ in (progress(it) if progress else it):
+            result = self.train_step()
+            if probe_every and (self.step % probe_every == 0 or self.step == steps):
+                result.metrics["probe_win_rate"] = self.probe_win_rate()
+            history.append(result.metrics)
+            if self.log:
+                self.log(self.step, **result.metrics)
+        return history

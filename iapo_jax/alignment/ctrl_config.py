@@ -1,0 +1,81 @@
+"""Configuration of a CTRL run (calibrate-and-transform RL, arXiv 2412.19792)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from iapo_jax.alignment import losses
+
+# 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
+REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp")
+PROCEDURES = ("sampling", "bon", "won")
+
+
+@dataclasses.dataclass(frozen=True)
+class CTRLConfig:
+    """KL-regularised policy gradient on Phi(calibrated reward).
+
+    transform: raw | identity | log | logit | exp | negexp. With exp/negexp and no t, t is the
+      analytic tool's best t for (procedure, deploy_n) at the target KL (or at the KL that beta
+      reaches on a calibrated reward).
+    beta: KL weight; with target_kl set it is adapted by a proportional controller instead.
+    kl_in_loss: False puts a k1 KL penalty in the reward (RLOO's classic form); True adds the
+      named kl_estimator to the loss.
+    clip_eps / ppo_epochs: PPO-clip with several epochs per rollout; None / 1 is REINFORCE+RLOO.
+    lora_rank: 0 trains all weights; r > 0 trains LoRA factors on the attention/MLP kernels.
+    """
+
+    transform: str = "exp"
+    t: float | None = None
+    procedure: str = "bon"
+    deploy_n: int = 4
+    beta: float = 0.1
+    target_kl: float | None = None
+    kl_controller_gain: float = 0.1  # fraction of the relative KL error applied to beta per step
+    samples_per_prompt: int = 4
+    prompts_per_step: int = 8
+    steps: int = 12
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    clip_eps: float | None = None
+    ppo_epochs: int = 1
+    kl_in_loss: bool = False
+    kl_estimator: str = "k3"
+    advantage: str = "rloo"
+    seed: int = 0
+
+    def validate(self) -> "CTRLConfig":
+        """Reject bad settings before any compute, each with the fix in the message."""
+        if self.transform not in REWARD_TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}; choose one of {REWARD_TRANSFORMS}")
+        if self.procedure not in PROCEDURES:
+            raise ValueError(f"unknown procedure {self.procedure!r}; choose one of {PROCEDURES}")
+        if self.deploy_n < 1:
+            raise ValueError(f"deploy_n must be at least 1 (got {self.deploy_n}); N=1 is plain sampling")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive (got {self.beta}); try 0.05-0.5")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ValueError(f"target_kl must be positive (got {self.target_kl}); or leave it unset")
+        if self.t is not None and not self.t > 0:
+            raise ValueError(f"t must be positive (got {self.t}); or leave it unset to use the best t")
+        if self.transform == "exp" and self.procedure == "won":
+            raise ValueError("the exp transform targets best-of-N; use transform=negexp for worst-of-N")
+        if self.transform == "negexp" and self.procedure == "bon":
+            raise ValueError("the negexp transform targets worst-of-N; use transform=exp for best-of-N")
+        if self.samples_per_prompt < 2 and self.advantage == "rloo":
+            raise ValueError("RLOO needs samples_per_prompt >= 2")
+        for name in ("prompts_per_step", "steps", "max_new_tokens", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (got {self.lora_rank}); 0 = full fine-tuning")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive (got {self.temperature})")
+        losses.get_kl_estimator(self.kl_estimator)
+        losses.get_advantage_estimator(self.advantage)
+        return self

@@ -1,0 +1,92 @@
+"""The jit-compiled CTRL policy update: a pure function of (trainable, frozen, batch).
+
+Full fine-tuning trains the whole parameter state; LoRA trains low-rank factors merged into the
+frozen base inside the step. beta, clip epsilon and the learning-rate schedule position are traced
+values, so sweeping them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from iapo_jax.alignment import lora, losses
+from iapo_jax.decoding.reference import response_logprobs
+
+
+@struct.dataclass
+class RolloutBatch:
+    prompt_ids: jax.Array  # [B, Tp] left-padded
+    prompt_mask: jax.Array  # [B, Tp] bool
+    tokens: jax.Array  # [B, R] sampled response tokens
+    lengths: jax.Array  # [B] response lengths, stop token included
+    advantages: jax.Array  # [B]
+    old_logp: jax.Array  # [B, R] log pi_old(y_t) (for the PPO ratio)
+    ref_logp: jax.Array  # [B, R] log pi_ref(y_t) (for a KL term in the loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static choices that change the program (a change recompiles, by design)."""
+
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    kl_in_loss: bool = False  # False: KL is a k1 penalty in the reward (classic RLOO)
+    kl_estimator: str = "k3"  # used when kl_in_loss
+    use_clip: bool = False  # PPO-clip ratio objective
+
+
+def policy_state(frozen: nnx.State, trainable: Any, opts: StepOptions) -> nnx.State:
+    if opts.lora_rank:
+        return lora.merge_lora(frozen, trainable, opts.lora_alpha, opts.lora_rank)
+    return trainable
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: StepOptions):
+    """Returns step(trainable, frozen, opt_state, batch, beta, clip_eps) -> (trainable, opt_state, metrics)."""
+
+    def loss_fn(trainable, frozen, batch: RolloutBatch, beta, clip_eps):
+        model = nnx.merge(graphdef, policy_state(frozen, trainable, opts))
+        logp = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.lengths)
+        real = jnp.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+        mask = real.astype(jnp.float32)
+        pg = losses.policy_gradient_loss(
+            logp, batch.old_logp, batch.advantages, mask, clip_eps if opts.use_clip else None
+        )
+        kl = losses.kl_loss_term(logp, batch.ref_logp, mask, opts.kl_estimator)
+        loss = pg + beta * kl if opts.kl_in_loss else pg
+        ratio = jnp.exp(logp - batch.old_logp)
+        clipped = (jnp.abs(ratio - 1.0) > clip_eps) & real
+        metrics = {
+            "loss": loss,
+            "pg_loss": pg,
+            "kl_loss_estimate": kl,
+            # -log pi of on-policy tokens: an unbiased per-token entropy estimate, no [B,R,V] logits.
+            "entropy": -jnp.sum(jax.lax.stop_gradient(logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+            "clip_fraction": jnp.sum(clipped) / jnp.maximum(jnp.sum(mask), 1.0),
+        }
+        return loss, metrics
+
+    def step(trainable, frozen, opt_state, batch: RolloutBatch, beta, clip_eps):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, batch, beta, clip_eps
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def sequence_rewards_to_advantages(rewards, logp, ref_logp, mask, beta, samples_per_prompt,
+                                   kl_in_loss: bool, estimator: str = "rloo"):
+    """[B] task rewards -> [B] advantages, with the k1 KL penalty folded in unless it is in the loss."""
+    shaped = rewards if kl_in_loss else losses.kl_penalised_rewards(rewards, logp, ref_logp, mask, beta)
+    grouped = shaped.reshape(-1, samples_per_prompt)
+    return losses.get_advantage_estimator(estimator)(grouped).reshape(-1)
