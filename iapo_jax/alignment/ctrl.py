@@ -11,6 +11,7 @@ best-of-N / worst-of-N.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -51,17 +52,24 @@ def resolve_t(cfg: CTRLConfig) -> float | None:
         return None
     if cfg.t is not None:
         return float(cfg.t)
-    from iapo_jax.theory.api import best_t_for
+    from iapo_jax.theory.analysis import analyse
 
     target = cfg.target_kl if cfg.target_kl is not None else 1.0
-    return float(best_t_for(cfg.procedure, cfg.deploy_n, cfg.transform, target))
+    return float(analyse(cfg.procedure, cfg.deploy_n, cfg.transform, kl=target).t)
 
 
-def make_optimizer(cfg: CTRLConfig) -> optax.GradientTransformation:
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-    if cfg.warmup_steps == 0:
-        schedule = optax.constant_schedule(cfg.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adamw(schedule, weight_decay=0.0))
+def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float):
+    schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps
+                else optax.constant_schedule(learning_rate))
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(schedule, weight_decay=0.0))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_step(graphdef, opts: StepOptions, learning_rate: float, warmup_steps: int, max_grad_norm: float):
+    """One jitted step per (model structure, options, optimizer settings): trainers of several
+    methods on the same model share the compiled program instead of compiling their own."""
+    optimizer = make_optimizer(learning_rate, warmup_steps, max_grad_norm)
+    return optimizer, make_train_step(graphdef, optimizer, opts)
 
 
 @dataclasses.dataclass
@@ -120,10 +128,11 @@ class CTRLTrainer:
         if cfg.lora_rank:
             self.frozen, self.trainable = base, lora.init_lora(base, cfg.lora_rank, lora_key)
         else:
-            self.frozen, self.trainable = None, base
-        self.optimizer = make_optimizer(cfg)
+            # Own copies: the step donates them, and `policy` may share buffers with the reference.
+            self.frozen, self.trainable = None, jax.tree.map(jnp.copy, base)
+        self.optimizer, self._step_fn = compiled_step(
+            self.graphdef, self.opts, cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
         self.opt_state = self.optimizer.init(self.trainable)
-        self._step_fn = make_train_step(self.graphdef, self.optimizer, self.opts)
         self.step = 0
         order = np.random.default_rng(cfg.seed).permutation(len(self.train_prompts))
         self._order = [self.train_prompts[i] for i in order]

@@ -28,6 +28,7 @@ JOBS: dict[str, str] = {
     "calibrate": "calibrate a reward under the reference policy",
     "train-scorer": "train a prefix scorer (CD-FUDGE / CD-Q) for controlled decoding",
     "ctrl": "inference-aware RL (CTRL) against a calibrated, transformed reward",
+    "compare": "CTRL vs calibrated / raw-reward RLHF at matched KL, under best- or worst-of-N",
     "generate": "sample: plain, best-of-N, blockwise or token-level controlled decoding",
     "eval": "inference-time win rates and KL of policies",
     "theory": "closed-form win rates and KL for best-of-N / worst-of-N and reward transforms",

@@ -1,0 +1,271 @@
+"""Train CTRL and its baselines from one reference policy and compare them as they are served.
+
+The pipeline behind `iapo compare` and `iapo quickstart`:
+1. calibrate: reference pools of the training prompts (for C_hat) and of held-out prompts (the
+   reference side of every evaluation), sampled once from pi_ref and scored with the reward;
+2. train each method (CTRL with the procedure's transform, calibrated RLHF, raw-reward RLHF, the
+   best-of-N distillation target) from pi_ref with the same data, seeds and KL target;
+3. evaluate: fresh samples of every policy on the held-out prompts; inference-time win rates
+   W^T(pi > pi_ref) for T = sampling, BoN_N and WoN_N with bootstrap intervals, and the sample KL;
+4. predict: the analytic tool's win rate of the same transform at the measured KL;
+5. report: a markdown table, a JSON file and a plot in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from iapo_jax.alignment.ctrl_config import CTRLConfig
+
+# method -> (transform for best-of-N deployments, transform for worst-of-N deployments)
+METHODS = {
+    "ctrl": ("exp", "negexp"),
+    "calibrated": ("identity", "identity"),
+    "raw": ("raw", "raw"),
+    "bon-distill": ("log", "log"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """CTRL against its baselines at a matched KL target, evaluated under best-/worst-of-N."""
+
+    model: str = "smollm2-135m-instruct"
+    """Reference model: HF directory, .gguf file or 'smollm2-135m-instruct'."""
+    dtype: str = "float32"
+    """Parameter and compute dtype (float32 or bfloat16)."""
+    reward: str = "vader"
+    """Registered reward (vader, textblob, harmlessness, length)."""
+    procedure: str = "bon"
+    """Deployment procedure: bon (best-of-N) or won (worst-of-N)."""
+    deploy_n: int = 4
+    """N of the deployment procedure (also the N the CTRL transform is tuned for)."""
+    methods: tuple[str, ...] = ("ctrl", "calibrated")
+    """Methods to train: ctrl, calibrated, raw, bon-distill."""
+    train_prompts: int = 16
+    """Training prompts (chatterbot-corpus train split)."""
+    eval_prompts: int = 16
+    """Held-out prompts (eval split) for the win rates."""
+    pool_size: int = 16
+    """Reference samples per training prompt for calibration (m)."""
+    eval_samples: int = 16
+    """Samples per held-out prompt for each policy and for the reference."""
+    eval_ns: tuple[int, ...] = (1, 2, 4, 8)
+    """N values at which BoN/WoN win rates are reported."""
+    steps: int = 10
+    """RL steps per method."""
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 24
+    learning_rate: float = 1e-5
+    beta: float = 0.1
+    """Initial KL weight (adapted towards target_kl)."""
+    target_kl: float | None = 1.0
+    """Per-sequence KL target shared by all methods (matched-KL comparison); None = fixed beta."""
+    kl_controller_gain: float = 0.5
+    t: float | None = None
+    """CTRL transform parameter; unset = the analytic tool's best t for (procedure, N, target_kl)."""
+    lora_rank: int = 0
+    """0 = full fine-tuning; r > 0 = LoRA."""
+    seed: int = 0
+    """Seed of prompt order, sampling and initialisation."""
+
+    def validate(self) -> "CompareConfig":
+        if self.procedure not in ("bon", "won"):
+            raise ValueError(f"procedure must be bon or won (got {self.procedure!r})")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        if self.deploy_n < 1 or min(self.eval_ns, default=0) < 1:
+            raise ValueError("deploy_n and every eval_ns value must be at least 1")
+        for name in ("train_prompts", "eval_prompts", "pool_size", "eval_samples"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2 (got {getattr(self, name)})")
+        if self.eval_samples % self.samples_per_prompt or self.pool_size % self.samples_per_prompt:
+            raise ValueError("pool_size and eval_samples must be multiples of samples_per_prompt "
+                             "(sampling reuses one compiled program)")
+        self.ctrl_config("ctrl" if "ctrl" in self.methods else self.methods[0]).validate()
+        return self
+
+    def ctrl_config(self, method: str) -> CTRLConfig:
+        bon, won = METHODS[method]
+        return CTRLConfig(
+            transform=bon if self.procedure == "bon" else won, t=self.t if method == "ctrl" else None,
+            procedure=self.procedure, deploy_n=self.deploy_n, beta=self.beta,
+            target_kl=self.target_kl, kl_controller_gain=self.kl_controller_gain,
+            samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
+            steps=self.steps, learning_rate=self.learning_rate, lora_rank=self.lora_rank,
+            max_new_tokens=self.max_new_tokens, seed=self.seed,
+        )
+
+
+def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key) -> dict:
+    """Win rates of fresh policy samples against the reference pool, and the sample KL."""
+    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.evaluation.kl import sample_kl
+    from iapo_jax.evaluation.win_rates import bootstrap_win_rate
+
+    import jax
+
+    prompts = list(eval_pool.prompts)
+    per = cfg.samples_per_prompt
+    scores, logp, ref_logp, masks = [], [], [], []
+    for r in range(cfg.eval_samples // per):
+        out = sample(policy, prompts, max_new_tokens=cfg.max_new_tokens, n=per,
+                     key=jax.random.fold_in(key, r), tokenizer=tokenizer, ref_model=reference)
+        rep = [p for p in prompts for _ in range(per)]
+        scores.append(np.asarray(reward.score(rep, list(out.texts)), np.float32).reshape(len(prompts), per))
+        lengths = np.asarray(out.lengths)
+        masks.append(np.arange(out.tokens.shape[1])[None, :] < lengths[:, None])
+        logp.append(np.asarray(out.raw_logprobs))
+        ref_logp.append(np.asarray(out.ref_logprobs))
+    policy_scores = np.concatenate(scores, axis=1)
+    kl, kl_se = sample_kl(np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks))
+    result = {"kl": kl, "kl_se": kl_se, "mean_reward": float(policy_scores.mean()), "win_rates": {}}
+    for proc in ("sampling", "bon", "won"):
+        for n in ((1,) if proc == "sampling" else cfg.eval_ns):
+            w = bootstrap_win_rate(policy_scores, eval_pool.scores, proc, n, seed=cfg.seed)
+            result["win_rates"][f"{proc}@{n}"] = w.as_dict()
+    return result
+
+
+def predicted_win_rate(method: str, cfg: CompareConfig, kl: float) -> float | None:
+    """The analytic tool's W^T for the method's transform at the measured KL (None for raw)."""
+    from iapo_jax.theory.analysis import analyse
+
+    transform = cfg.ctrl_config(method).transform
+    if transform == "raw" or not (kl > 1e-4):
+        return None
+    t = cfg.t if method == "ctrl" else None
+    try:
+        return float(analyse(cfg.procedure, cfg.deploy_n, transform, kl=kl, t=t).win_rate)
+    except (ValueError, ArithmeticError):
+        return None
+
+
+def results_table(cfg: CompareConfig, rows: dict[str, dict]) -> str:
+    """Markdown: one row per policy, win rates with 95% intervals, KL and the prediction."""
+    proc, n = cfg.procedure, cfg.deploy_n
+    head = (f"| policy | KL (nats) | mean reward | W (sampling) | W ({proc.upper()}_{n}) | "
+            f"predicted W ({proc.upper()}_{n}) at this KL |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for name, r in rows.items():
+        w1 = r["win_rates"]["sampling@1"]
+        wn = r["win_rates"].get(f"{proc}@{n}")
+        fmt = lambda w: f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"  # noqa: E731
+        pred = r.get("predicted")
+        lines.append(
+            f"| {name} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['mean_reward']:.3f} | {fmt(w1)} | "
+            f"{fmt(wn) if wn else '–'} | {'–' if pred is None else f'{pred:.3f}'} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_win_rates(cfg: CompareConfig, rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in rows.items():
+        ns = list(cfg.eval_ns)
+        ws = [r["win_rates"][f"{cfg.procedure}@{n}"] for n in ns]
+        mid = [w["win_rate"] for w in ws]
+        err = [[m - w["ci_low"] for m, w in zip(mid, ws)], [w["ci_high"] - m for m, w in zip(mid, ws)]]
+        ax.errorbar(ns, mid, yerr=err, marker="o", capsize=3, label=f"{name} (KL {r['kl']:.2f})")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"N ({'best' if cfg.procedure == 'bon' else 'worst'}-of-N at inference)")
+    ax.set_ylabel("win rate against the reference under the same procedure")
+    ax.set_title(f"{cfg.reward} reward, {cfg.model}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the whole pipeline inside a JobContext `ctx`; returns the flat final metrics."""
+    import jax
+    from flax import nnx
+
+    import iapo_jax
+    from iapo_jax.alignment.ctrl import CTRLTrainer
+    from iapo_jax.data.prompts import load_chat_prompts
+    from iapo_jax.rewards import get_reward
+    from iapo_jax.rewards.pools import sample_reference_pool
+
+    cfg.validate()
+    reward = get_reward(cfg.reward)  # fails fast when the rewards extra is missing
+    train = load_chat_prompts("train", limit=cfg.train_prompts, seed=cfg.seed)
+    held_out = load_chat_prompts("eval", limit=cfg.eval_prompts, seed=cfg.seed)
+    ctx.add_data("train_prompts", train)
+    ctx.add_data("eval_prompts", held_out)
+    key = ctx.key(cfg.seed)
+    with ctx.timer("load"):
+        reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
+        tokenizer = iapo_jax.load_tokenizer(cfg.model)
+    per = cfg.samples_per_prompt
+    with ctx.timer("calibrate"):
+        log(f"calibrate: {cfg.pool_size} reference samples x {len(train)} training prompts")
+        pool = sample_reference_pool(reference, tokenizer, reward, train, m=cfg.pool_size,
+                                     max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(key, 1),
+                                     per_call=per, progress=lambda it: ctx.progress(it, desc="calibrate"))
+        eval_pool = sample_reference_pool(reference, tokenizer, reward, held_out, m=cfg.eval_samples,
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          key=jax.random.fold_in(key, 2), per_call=per,
+                                          progress=lambda it: ctx.progress(it, desc="reference eval"))
+        pool.save(ctx.run_dir / "pool_train")
+        eval_pool.save(ctx.run_dir / "pool_eval")
+        ctx.add_data("pool_train", pool.fingerprint())
+        ctx.add_data("pool_eval", eval_pool.fingerprint())
+    rows: dict[str, dict] = {}
+    reference_row = evaluate_reference(eval_pool, cfg)
+    rows["reference"] = reference_row
+    for method in cfg.methods:
+        mcfg = cfg.ctrl_config(method)
+        with ctx.timer(f"train_{method}"):
+            policy = nnx.clone(reference)
+            trainer = CTRLTrainer(mcfg, policy, reference, tokenizer, reward, pool, train)
+            log(f"train {method}: transform {mcfg.transform}"
+                + (f" (t = {trainer.t:.3g})" if trainer.t else "") + f", {mcfg.steps} steps")
+            for _ in ctx.progress(range(mcfg.steps), desc=f"train {method}"):
+                res = trainer.train_step()
+                ctx.log(trainer.step, **{f"{method}/{k}": v for k, v in res.metrics.items()})
+        with ctx.timer(f"eval_{method}"):
+            row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
+                                  jax.random.fold_in(key, 100 + len(rows)))
+        row["t"] = trainer.t
+        row["predicted"] = predicted_win_rate(method, cfg, row["kl"])
+        rows[method] = row
+        del trainer, policy
+    table = results_table(cfg, rows)
+    (ctx.run_dir / "results.md").write_text(table)
+    (ctx.run_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
+    plot_win_rates(cfg, rows, ctx.run_dir / "win_rates.png")
+    log("\n" + table)
+    metrics: dict[str, Any] = {}
+    for name, r in rows.items():
+        metrics[f"{name}.kl"] = r["kl"]
+        for k, w in r["win_rates"].items():
+            metrics[f"{name}.win_rate.{k}"] = w["win_rate"]
+    return metrics
+
+
+def evaluate_reference(eval_pool, cfg: CompareConfig) -> dict:
+    """The reference against itself: KL 0 and win rates of exactly one half (a sanity row)."""
+    from iapo_jax.evaluation.win_rates import bootstrap_win_rate
+
+    rows = {}
+    for proc in ("sampling", "bon", "won"):
+        for n in ((1,) if proc == "sampling" else cfg.eval_ns):
+            rows[f"{proc}@{n}"] = bootstrap_win_rate(eval_pool.scores, eval_pool.scores, proc, n,
+                                                     seed=cfg.seed).as_dict()
+    return {"kl": 0.0, "kl_se": 0.0, "mean_reward": float(eval_pool.scores.mean()), "win_rates": rows,
+            "predicted": None, "t": None}
