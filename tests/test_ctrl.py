@@ -83,3 +83,21 @@ def test_mismatched_vocabularies_are_rejected(setup, tiny_llama_dir):
     other = iapo_jax.load_model(tiny_llama_dir)  # vocab 256 vs 136
     with pytest.raises(ValueError, match="vocabulary"):
         CTRLTrainer(CTRLConfig(t=2.0), other, ref, tok, reward, pool, PROMPTS)
+
+
+@pytest.mark.parametrize("name,t", [("exp", 3.0), ("exp", 200.0), ("negexp", 5.0)])
+def test_unit_range_transform_is_an_increasing_affine_map_of_phi(name, t):
+    import jax.numpy as jnp
+
+    from iapo_jax.alignment.ctrl import unit_range_transform
+    from iapo_jax.rewards.transforms import get_transform
+
+    u = jnp.linspace(0.0, 1.0, 11)
+    scaled = np.asarray(unit_range_transform(name, t)(u), np.float64)
+    assert scaled[0] == pytest.approx(0.0, abs=1e-6) and scaled[-1] == pytest.approx(1.0, abs=1e-6)
+    assert np.all(np.isfinite(scaled)) and np.all(np.diff(scaled) >= 0)
+    if t < 80:  # where Phi itself is finite in float32: scaled = a * Phi + b exactly
+        phi = np.asarray(get_transform(name, t)(u), np.float64)
+        a, b = np.polyfit(phi, scaled, 1)
+        np.testing.assert_allclose(a * phi + b, scaled, atol=1e-5)
+        assert a > 0

@@ -58,6 +58,23 @@ def resolve_t(cfg: CTRLConfig) -> float | None:
     return float(analyse(cfg.procedure, cfg.deploy_n, cfg.transform, kl=target).t)
 
 
+def unit_range_transform(name: str, t: float | None):
+    """Phi for the trainer: exp / negexp rescaled affinely onto [0, 1].
+
+    a * Phi + b with a > 0 has the same tilted optimum as Phi at beta * a, so this changes only the
+    units of beta: rewards stay O(1) for any t (exp(t u) itself overflows float32 beyond t = 88 and
+    needs beta ~ e^t), and one beta / KL controller works across transforms.
+      exp:     (e^{t(u-1)} - e^{-t}) / (1 - e^{-t})  = (e^{tu} - 1) / (e^t - 1)
+      negexp:  (1 - e^{-tu}) / (1 - e^{-t})
+    Other transforms are returned unchanged.
+    """
+    if name == "exp":
+        return lambda u: (jnp.exp(t * (jnp.asarray(u, jnp.float32) - 1.0)) - jnp.exp(-t)) / -jnp.expm1(-t)
+    if name == "negexp":
+        return lambda u: -jnp.expm1(-t * jnp.asarray(u, jnp.float32)) / -jnp.expm1(-t)
+    return get_transform(name, t)
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float):
     schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps
                 else optax.constant_schedule(learning_rate))
@@ -116,7 +133,9 @@ class CTRLTrainer:
         self.train_prompts, self.probe_prompts = list(train_prompts), list(probe_prompts)
         self.log = log
         self.t = resolve_t(cfg)
-        self.phi = None if cfg.transform == "raw" else get_transform(cfg.transform, self.t)
+        if cfg.transform != "raw":
+            get_transform(cfg.transform, self.t)  # validates t
+        self.phi = None if cfg.transform == "raw" else unit_range_transform(cfg.transform, self.t)
         self.beta = float(cfg.beta)
         self.opts = StepOptions(
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, kl_in_loss=cfg.kl_in_loss,
@@ -142,8 +161,18 @@ class CTRLTrainer:
         """The policy with the latest weights (LoRA factors merged) as an NNX module."""
         return nnx.merge(self.graphdef, policy_state(self.frozen, self.trainable, self.opts))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "opt_state": self.opt_state}
+    def checkpoint_items(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue this run exactly (see runtime.checkpointing)."""
+        return {
+            "model": self.trainable, "opt_state": self.opt_state, "rng": self.key,
+            "data_position": self.step, "extra": {"beta": self.beta},
+        }
+
+    def restore(self, restored) -> None:
+        """Continue from a `Checkpointer.restore(model=..., opt_state=...)` result."""
+        self.trainable, self.opt_state = restored.model, restored.opt_state
+        self.key, self.step = restored.rng, int(restored.data_position)
+        self.beta = float(restored.meta.get("extra", {}).get("beta", self.beta))
 
     # -- one step -------------------------------------------------------------------------------
     def _prompts_for(self, step: int) -> list[str]:

@@ -18,7 +18,9 @@ class CTRLConfig:
     transform: raw | identity | log | logit | exp | negexp. With exp/negexp and no t, t is the
       analytic tool's best t for (procedure, deploy_n) at the target KL (or at the KL that beta
       reaches on a calibrated reward).
-    beta: KL weight; with target_kl set it is adapted by a proportional controller instead.
+    beta: KL weight, in units of the transformed reward; exp / negexp are rescaled onto [0, 1]
+      (an affine map: same optimal policies, beta measured in the same units as for identity).
+      With target_kl set, beta is adapted by a proportional controller.
     kl_in_loss: False puts a k1 KL penalty in the reward (RLOO's classic form); True adds the
       named kl_estimator to the loss.
     clip_eps / ppo_epochs: PPO-clip with several epochs per rollout; None / 1 is REINFORCE+RLOO.

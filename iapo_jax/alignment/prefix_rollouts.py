@@ -90,6 +90,7 @@ def sample_rollouts(reference, tokenizer, prompts: Sequence[str], reward, *, n: 
     """
     from iapo_jax.decoding.inputs import prepare
     from iapo_jax.decoding.sampler import sample_batch
+    from iapo_jax.rewards.preference_pairs import padded_chunks, prompt_bucket
 
     prompts = list(prompts)
     if not prompts:
@@ -98,21 +99,21 @@ def sample_rollouts(reference, tokenizer, prompts: Sequence[str], reward, *, n: 
         raise ValueError(f"n, max_new_tokens and prompts_per_batch must be >= 1 (got {n}, "
                          f"{max_new_tokens}, {prompts_per_batch})")
     key = jax.random.key(key) if isinstance(key, int) else key
+    bucket = prompt_bucket(tokenizer, prompts)
     parts, texts, row_prompts = [], [], []
-    for start in range(0, len(prompts), prompts_per_batch):
-        chunk = prompts[start:start + prompts_per_batch]
+    for chunk, real in padded_chunks(prompts, min(prompts_per_batch, len(prompts))):
         key, sub = jax.random.split(key)
         batch = prepare(reference, chunk, max_new_tokens=max_new_tokens, tokenizer=tokenizer, key=sub,
-                        temperature=temperature)
+                        temperature=temperature, prompt_buckets=(bucket,))
         out = sample_batch(reference, batch, n=n, tokenizer=tokenizer)
-        rows = batch.real_rows
-        rep = [p for p in chunk for _ in range(n)]
-        scores = np.asarray(reward.score(rep, list(out.texts)), np.float32)
+        rows = real * n
+        rep = [p for p in chunk[:real] for _ in range(n)]
+        scores = np.asarray(reward.score(rep, list(out.texts)[:rows]), np.float32)
         parts.append(Rollouts(
-            prompt_ids=np.repeat(np.asarray(batch.ids)[:rows], n, 0),
-            prompt_mask=np.repeat(np.asarray(batch.mask)[:rows], n, 0),
-            tokens=np.asarray(out.tokens), lengths=np.asarray(out.lengths), rewards=scores))
-        texts += list(out.texts)
+            prompt_ids=np.repeat(np.asarray(batch.ids)[:real], n, 0),
+            prompt_mask=np.repeat(np.asarray(batch.mask)[:real], n, 0),
+            tokens=np.asarray(out.tokens)[:rows], lengths=np.asarray(out.lengths)[:rows], rewards=scores))
+        texts += list(out.texts)[:rows]
         row_prompts += rep
     return concat_rollouts(parts), texts, row_prompts
 
