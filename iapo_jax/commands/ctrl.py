@@ -90,4 +90,9 @@ def run(cfg: CtrlJobConfig) -> dict:
         if trainer.step == cfg.steps and ckpt.latest_step() != cfg.steps:
             ckpt.save(trainer.step, **trainer.checkpoint_items(), config=cfg)
         ckpt.close()
+        if ctx.is_main and trainer.step == cfg.steps:
+            # The trained policy in HF format: `iapo eval --policy RUN_DIR` and transformers load it.
+            from iapo_jax.models.checkpoints import save_hf
+
+            save_hf(trainer.current_policy(), ctx.run_dir / "policy", tokenizer)
         return {"step": trainer.step, "t": trainer.t or 0.0, **{k: v for k, v in last.items()}}

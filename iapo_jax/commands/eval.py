@@ -1,0 +1,276 @@
+"""``iapo eval``: inference-time win rates W^T(pi > pi_ref) and the KL of a policy (algorithms.md §1).
+
+The reference side is a saved reference pool (``iapo calibrate``): its m scored pi_ref samples per
+prompt. The policy is sampled on the pool's prompts with the pool's sampling settings, scored with
+the pool's reward, and compared under plain sampling and under best-of-N / worst-of-N for several N
+(exact plug-in estimates with bootstrap intervals over prompts). KL(pi || pi_ref) is the k1 estimate
+from the policy's samples with log-probs under the reference model (the pool's model by default).
+
+    iapo eval --pool runs/calibrate-.../pool --policy runs/ctrl-.../policy --ns 1 4 16
+
+Writes win_rates.md (the table), win_rates.json and the policy's samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from iapo_jax.commands.job_inputs import JobInputError
+from iapo_jax.errors import IapoError
+
+TABLE_FILE = "win_rates.md"
+JSON_FILE = "win_rates.json"
+REPRODUCE_IGNORE = ("*per_s",)
+EVAL_STREAM = 0x6576616C  # "eval": folded into the seed
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Inference-time win rates (sampling, best-of-N, worst-of-N) and KL of a policy vs pi_ref."""
+
+    pool: Path
+    """Reference pool: the pool/ folder of an `iapo calibrate` run (or that run directory)."""
+    policy: str = "smollm2-135m-instruct"
+    """Policy to evaluate: an HF checkpoint directory, a .gguf file, 'smollm2-135m-instruct', or a
+    training run directory with an exported policy in policy/."""
+    reference: str | None = None
+    """Reference model for the KL estimate (default: the model that sampled the pool)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute and storage dtype of the weights."""
+    samples: int = 16
+    """Policy samples per prompt."""
+    num_prompts: int | None = None
+    """Evaluate on the first k prompts of the pool (default: all)."""
+    procedures: tuple[Literal["sampling", "bon", "won"], ...] = ("sampling", "bon", "won")
+    """Inference-time procedures T: plain sampling, best-of-N, worst-of-N."""
+    ns: tuple[int, ...] = (2, 4, 8, 16)
+    """N for best-of-N and worst-of-N (plain sampling is N = 1)."""
+    reward: str | None = None
+    """Reward (default: the pool's; another reward would compare different scores)."""
+    reward_options: tuple[str, ...] = ()
+    """KEY=VALUE options of the reward (default: the pool's)."""
+    max_new_tokens: int | None = None
+    """Response length limit (default: the pool's, so both sides are sampled alike)."""
+    temperature: float | None = None
+    """Sampling temperature (default: the pool's)."""
+    top_k: int | None = None
+    """Top-k filter (default: the pool's)."""
+    top_p: float | None = None
+    """Top-p filter (default: the pool's)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over prompts) for the confidence intervals."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+    seed: int = 0
+    """Sampling and bootstrap seed."""
+    batch_prompts: int = 8
+    """Prompts per compiled decoding call (each with all samples)."""
+    data: int = -1
+    """Devices of this process the decoding rows are split over (-1: all)."""
+
+
+def pool_directory(path: Path) -> Path:
+    """The pool folder itself, or the pool/ folder of a calibrate run directory."""
+    path = Path(path)
+    if not (path / "pool.json").is_file() and (path / "pool" / "pool.json").is_file():
+        return path / "pool"
+    if not (path / "pool.json").is_file():
+        raise JobInputError(f"{path} holds no reference pool (pool.json); pass the pool/ folder of an "
+                            "`iapo calibrate` run")
+    return path
+
+
+def settings(cfg: EvalConfig, meta: dict) -> dict:
+    """Sampling settings and reward: the config's where given, else the pool's."""
+    from iapo_jax.commands.job_inputs import parse_key_values
+
+    def pick(name, default):
+        value = getattr(cfg, name)
+        return value if value is not None else meta.get(name, default)
+
+    reward = cfg.reward or meta.get("reward")
+    if reward is None:
+        raise JobInputError("the pool does not name its reward; pass --reward NAME")
+    if meta.get("reward") is not None and reward != meta["reward"]:
+        raise JobInputError(f"--reward {reward!r} differs from the pool's reward {meta['reward']!r}; "
+                            "win rates need both sides scored by the same reward (build a pool "
+                            "with `iapo calibrate --reward ...`)")
+    options = parse_key_values(cfg.reward_options, "--reward-options") if cfg.reward_options \
+        else dict(meta.get("reward_options") or {})
+    return {"reward": reward, "reward_options": options,
+            "max_new_tokens": int(pick("max_new_tokens", 64)),
+            "temperature": float(pick("temperature", 1.0)), "top_k": int(pick("top_k", 0)),
+            "top_p": float(pick("top_p", 1.0))}
+
+
+def check_config(cfg: EvalConfig) -> None:
+    from iapo_jax.commands.job_inputs import check_sampling
+
+    check_sampling(cfg)
+    if not cfg.procedures:
+        raise JobInputError("--procedures is empty; choose from sampling, bon, won")
+    if any(n < 1 for n in cfg.ns):
+        raise JobInputError(f"--ns must hold positive integers, got {list(cfg.ns)}")
+    if any(p != "sampling" for p in cfg.procedures) and not cfg.ns:
+        raise JobInputError("--ns is empty; give N values for bon/won, e.g. --ns 2 4 8")
+    if not 0 < cfg.confidence < 1:
+        raise JobInputError(f"--confidence must be in (0, 1), got {cfg.confidence}")
+    if cfg.num_prompts is not None and cfg.num_prompts < 1:
+        raise JobInputError(f"--num-prompts must be at least 1, got {cfg.num_prompts}")
+
+
+def win_rate_rows(policy_scores, reference_scores, cfg: EvalConfig) -> list:
+    """WinRate per (procedure, N): sampling once, bon/won at every N of cfg.ns."""
+    from iapo_jax.evaluation import bootstrap_win_rate
+
+    rows = []
+    for procedure in cfg.procedures:
+        for n in ((1,) if procedure == "sampling" else tuple(dict.fromkeys(cfg.ns))):
+            rows.append(bootstrap_win_rate(policy_scores, reference_scores, procedure, n,
+                                           num_resamples=cfg.bootstrap, confidence=cfg.confidence,
+                                           seed=cfg.seed))
+    return rows
+
+
+def markdown_table(rows, *, title: str, notes: list[str], confidence: float) -> str:
+    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N"}
+    pct = f"{confidence:.0%}"
+    lines = [f"# {title}", "", *notes, "",
+             f"| procedure | N | win rate vs reference | {pct} interval | prompts |",
+             "|---|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {label[r.procedure]} | {r.n} | {r.win_rate:.4f} | "
+                     f"[{r.ci_low:.4f}, {r.ci_high:.4f}] | {r.num_prompts} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: EvalConfig) -> dict:
+    import jax
+
+    from iapo_jax.commands.common import job_context
+    from iapo_jax.commands.job_inputs import (
+        check_same_vocabulary,
+        load_model_and_tokenizer,
+        make_reward,
+        resolve_model_source,
+    )
+    from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl, write_text
+    from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
+    from iapo_jax.decoding.sampler import decode_texts, sample
+    from iapo_jax.evaluation.kl import sample_kl
+    from iapo_jax.rewards.calibration import ReferencePool
+    from iapo_jax.runtime.jsonable import to_jsonable
+
+    check_config(cfg)
+    with job_context("eval", cfg) as ctx:
+        pool_dir = pool_directory(cfg.pool)
+        pool = ReferencePool.load(pool_dir)
+        ctx.add_data("reference_pool", path=pool_dir)
+        s = settings(cfg, pool.meta)
+        policy_source = resolve_model_source(cfg.policy)
+        ref_source = cfg.reference or pool.meta.get("model")
+        if ref_source is None:
+            raise JobInputError("the pool does not name its model; pass --reference MODEL")
+        try:
+            ref_source = resolve_model_source(ref_source)
+        except IapoError as err:
+            if cfg.reference is not None:
+                raise
+            raise JobInputError(f"the pool's model {ref_source!r} cannot be loaded from here ({err}); "
+                                "pass --reference MODEL") from None
+        reward = make_reward(s["reward"], s["reward_options"])
+        prompts = list(pool.prompts[:cfg.num_prompts])
+        reference_scores = pool.scores[:len(prompts)]
+
+        with ctx.timer("load_model"):
+            model, tokenizer = load_model_and_tokenizer(policy_source, cfg.dtype)
+            if Path(ref_source).resolve() == Path(policy_source).resolve() or ref_source == policy_source:
+                ref_model = model
+            else:
+                ref_model, _ = load_model_and_tokenizer(ref_source, cfg.dtype)
+                check_same_vocabulary(model, ref_model, "reference model")
+        mesh = decoding_mesh(cfg.data)
+        if mesh is not None:
+            ctx.set_mesh(mesh)
+        # A stream of its own: with the pool's seed, the policy would otherwise reuse the very
+        # uniforms that drew the reference samples, and the two sides would not be independent.
+        key = jax.random.fold_in(ctx.key(cfg.seed), EVAL_STREAM)
+        bucket = prompt_bucket(tokenizer, prompts)
+        n = cfg.samples
+
+        def sample_batch(batch: list[str], batch_id: int) -> dict:
+            out = sample(model, batch, max_new_tokens=s["max_new_tokens"], n=n,
+                         key=jax.random.fold_in(key, batch_id), temperature=s["temperature"],
+                         top_k=s["top_k"], top_p=s["top_p"], tokenizer=tokenizer,
+                         ref_model=ref_model, mesh=mesh, prompt_buckets=(bucket,))
+            b = len(batch)
+            return {"tokens": np.asarray(out.tokens).reshape(b, n, -1),
+                    "lengths": np.asarray(out.lengths).reshape(b, n),
+                    "logprobs": np.asarray(out.logprobs).reshape(b, n, -1),
+                    "ref_logprobs": np.asarray(out.ref_logprobs).reshape(b, n, -1)}
+
+        plan = PromptPlan.make(len(prompts), cfg.batch_prompts)
+        start = time.perf_counter()
+        with ctx.timer("sampling"):
+            out = run_batches(prompts, plan, sample_batch,
+                              progress=lambda it: ctx.progress(it, desc="eval: sampling", unit="batch"))
+        seconds = time.perf_counter() - start
+        rows = len(prompts) * n
+        lengths = out["lengths"].reshape(rows)
+        texts = decode_texts(tokenizer, out["tokens"].reshape(rows, -1), lengths)
+        with ctx.timer("scoring"):
+            scores = np.asarray(reward.score([p for p in prompts for _ in range(n)], list(texts)),
+                                np.float64)
+        policy_scores = scores.reshape(len(prompts), n)
+
+        # The k1 estimate is unbiased only for samples drawn from pi itself (no filters, T = 1).
+        mask = np.arange(out["logprobs"].shape[-1])[None, :] < lengths[:, None]
+        logp = out["logprobs"].reshape(rows, -1)
+        ref_logp = out["ref_logprobs"].reshape(rows, -1)
+        unfiltered = s["temperature"] == 1.0 and s["top_k"] == 0 and s["top_p"] == 1.0
+        kl, kl_se = sample_kl(logp, ref_logp, mask) if unfiltered else (math.nan, math.nan)
+
+        results = win_rate_rows(policy_scores, reference_scores, cfg)
+        kl_note = (f"- KL(policy || reference) = {kl:.4f} ± {kl_se:.4f} nats per response (k1)"
+                   if unfiltered else "- KL not estimated: samples were filtered (temperature, "
+                                      "top-k or top-p), so they are not draws from the policy")
+        notes = [(f"- policy: `{cfg.policy}`; reference samples: pool `{pool_dir}` "
+                  f"({pool.num_samples} per prompt, reward `{s['reward']}`)"),
+                 (f"- {n} policy samples per prompt, {len(prompts)} prompts, up to "
+                  f"{s['max_new_tokens']} new tokens, temperature {s['temperature']:g}; ties count 1/2"),
+                 (f"- mean reward: policy {policy_scores.mean():.4f}, reference "
+                  f"{reference_scores.mean():.4f}"),
+                 kl_note]
+        table = markdown_table(results, title="Inference-time win rates", notes=notes,
+                               confidence=cfg.confidence)
+        write_text(ctx.run_dir / TABLE_FILE, table)
+        write_text(ctx.run_dir / JSON_FILE, json.dumps(
+            to_jsonable({"settings": s, "kl": kl, "kl_se": kl_se,
+                         "win_rates": [r.as_dict() for r in results]}), indent=1))
+        seq_logp = (logp * mask).sum(-1)
+        seq_ref = (ref_logp * mask).sum(-1)
+        write_jsonl(ctx.run_dir / SAMPLES_FILE, (
+            {"prompt_index": i // n, "prompt": prompts[i // n], "sample": i % n, "response": texts[i],
+             "num_tokens": int(lengths[i]), "reward": float(scores[i]),
+             "logprob": float(seq_logp[i]), "ref_logprob": float(seq_ref[i])} for i in range(rows)))
+        if ctx.is_main:
+            print(table)
+
+        metrics: dict = {"prompts": len(prompts), "samples_per_prompt": n,
+                         "mean_reward": float(policy_scores.mean()),
+                         "reference_mean_reward": float(reference_scores.mean()),
+                         "kl": kl, "kl_se": kl_se,
+                         "tokens_per_s": float(lengths.sum() / max(seconds, 1e-9))}
+        for r in results:
+            name = "sampling" if r.procedure == "sampling" else f"{r.procedure}_{r.n}"
+            metrics[f"win_rate.{name}"] = r.win_rate
+            metrics[f"ci_low.{name}"] = r.ci_low
+            metrics[f"ci_high.{name}"] = r.ci_high
+        return metrics

@@ -1,0 +1,235 @@
+"""``iapo generate``: sample responses with plain sampling, best-of-N, worst-of-N, blockwise or
+token-level controlled decoding, and write them to ``samples.jsonl`` in the run directory.
+
+    iapo generate --prompts-file prompts.txt --n 4
+    iapo generate --mode bon --n 8 --reward vader
+    iapo generate --mode blockwise --n 4 --block-size 8 --scorer runs/train-scorer-...   (or a reward)
+    iapo generate --mode token-cd --scorer runs/train-scorer-... --lam 2 --cd-top-k 10
+
+Each line of samples.jsonl is one served response: prompt_index, prompt, sample, response,
+num_tokens, and the reward (when --reward is given) or the decoding method's own scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from iapo_jax.commands.job_inputs import JobInputError
+
+MODES = ("plain", "bon", "won", "blockwise", "token-cd")
+REPRODUCE_IGNORE = ("*per_s",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Sample responses: plain, best-of-N, worst-of-N, blockwise or token-level controlled decoding."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model source: an HF checkpoint directory, a .gguf file, 'smollm2-135m-instruct', or a
+    training run directory with an exported policy in policy/."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute and storage dtype of the weights."""
+    prompts_file: Path | None = None
+    """Prompts, one per line (or .jsonl with {"prompt": ...}); default: packaged chat questions."""
+    prompt_split: Literal["train", "eval", "all"] = "eval"
+    """Split of the packaged chat questions (when no --prompts-file)."""
+    prompt_categories: tuple[str, ...] = ()
+    """Restrict the packaged chat questions to these categories (e.g. food science)."""
+    num_prompts: int | None = None
+    """How many prompts (default: all of the file, or 16 chat questions)."""
+    prompt_seed: int = 0
+    """Shuffle seed of the packaged chat questions."""
+    mode: Literal["plain", "bon", "won", "blockwise", "token-cd"] = "plain"
+    """plain sampling; bon/won: best/worst of --n by --reward; blockwise: K = --n candidate blocks
+    of --block-size tokens ranked by --scorer; token-cd: tilt the top --cd-top-k tokens by
+    exp(--lam * value) of a trained --scorer."""
+    n: int = 1
+    """Samples per prompt (plain), N (bon, won) or K candidates per block (blockwise)."""
+    max_new_tokens: int = 64
+    """Response length limit in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all). Not used by token-cd (see --cd-top-k)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: all). Not used by token-cd."""
+    seed: int = 0
+    """Sampling seed."""
+    reward: str | None = None
+    """Registered reward (vader, textblob, harmlessness, length, reward_model, ...): selects the
+    response in bon/won and scores the served responses in every mode."""
+    reward_options: tuple[str, ...] = ()
+    """KEY=VALUE options of the reward, e.g. target=20 for length or path=RUN_DIR for reward_model."""
+    scorer: str | None = None
+    """Prefix scorer for blockwise/token-cd: the run directory of `iapo train-scorer`; blockwise
+    also takes a registered reward name (scored on the partial text)."""
+    block_size: int = 8
+    """Blockwise CD: tokens per block (M)."""
+    lam: float = 1.0
+    """Token-level CD: tilt strength lambda (0: plain top-k sampling)."""
+    cd_top_k: int = 10
+    """Token-level CD: candidate tokens per step."""
+    batch_prompts: int = 8
+    """Prompts per compiled decoding call."""
+    data: int = -1
+    """Devices of this process the decoding rows are split over (-1: all)."""
+
+
+def check_config(cfg: GenerateConfig) -> None:
+    """Reject what cannot work before loading anything."""
+    from iapo_jax.commands.job_inputs import check_sampling, is_reward_name
+
+    check_sampling(cfg)
+    if cfg.mode in ("bon", "won") and not cfg.reward:
+        raise JobInputError(f"--mode {cfg.mode} ranks the {cfg.n} samples by a reward; pass --reward "
+                            "NAME (e.g. --reward vader)")
+    if cfg.mode in ("blockwise", "token-cd") and not cfg.scorer:
+        raise JobInputError(f"--mode {cfg.mode} needs --scorer: the run directory of "
+                            "`iapo train-scorer`" + (" or a reward name" if cfg.mode == "blockwise" else ""))
+    if cfg.mode == "token-cd":
+        if is_reward_name(cfg.scorer) and not Path(cfg.scorer).exists():
+            raise JobInputError(f"token-level CD scores candidate tokens inside the compiled loop, so "
+                                f"--scorer must be a trained prefix scorer (an `iapo train-scorer` run "
+                                f"directory), not the reward {cfg.scorer!r}; rewards on text work "
+                                "with --mode blockwise")
+        if cfg.top_k or cfg.top_p < 1:
+            raise JobInputError("--mode token-cd draws from its own top --cd-top-k tokens; leave "
+                                "--top-k and --top-p at their defaults")
+    if cfg.scorer and cfg.mode in ("plain", "bon", "won"):
+        raise JobInputError(f"--scorer is used by --mode blockwise and token-cd, not {cfg.mode}; "
+                            "drop it or change --mode")
+    if cfg.reward_options and not cfg.reward:
+        raise JobInputError("--reward-options given without --reward")
+
+
+def _scorer(cfg: GenerateConfig, model):
+    from iapo_jax.commands.job_inputs import is_reward_name, load_prefix_scorer, make_reward
+
+    if is_reward_name(cfg.scorer) and not Path(cfg.scorer).exists():
+        return make_reward(cfg.scorer)
+    if not Path(cfg.scorer).exists():
+        raise JobInputError(f"--scorer {cfg.scorer!r} is neither a run directory nor a registered "
+                            "reward; pass an `iapo train-scorer` run directory or a reward name")
+    return load_prefix_scorer(cfg.scorer, model)
+
+
+def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, mesh, bucket):
+    """The function that samples one batch of prompts for cfg.mode -> per-prompt arrays."""
+    import jax
+
+    from iapo_jax.decoding.best_of_n import best_of_n
+    from iapo_jax.decoding.blockwise import blockwise_cd
+    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.token_cd import token_cd
+
+    common = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+              "tokenizer": tokenizer, "mesh": mesh, "prompt_buckets": (bucket,)}
+    filters = {"top_k": cfg.top_k, "top_p": cfg.top_p}
+
+    def run(prompts: list[str], batch_id: int) -> dict:
+        k = jax.random.fold_in(key, batch_id)
+        if cfg.mode == "plain":
+            out = sample(model, prompts, n=cfg.n, key=k, **filters, **common)
+            b = len(prompts)
+            return {"tokens": np.asarray(out.tokens).reshape(b, cfg.n, -1),
+                    "lengths": np.asarray(out.lengths).reshape(b, cfg.n)}
+        if cfg.mode in ("bon", "won"):
+            out = best_of_n(model, prompts, reward, n=cfg.n, worst=cfg.mode == "won", key=k,
+                            **filters, **common)
+            return {"tokens": np.asarray(out.best_tokens)[:, None],
+                    "lengths": np.asarray(out.best_lengths)[:, None],
+                    "candidate_scores": np.asarray(out.scores), "chosen": np.asarray(out.chosen)}
+        if cfg.mode == "blockwise":
+            out = blockwise_cd(model, prompts, scorer, k=cfg.n, block_size=cfg.block_size, key=k,
+                               **filters, **common)
+            return {"tokens": np.asarray(out.tokens)[:, None], "lengths": np.asarray(out.lengths)[:, None],
+                    "scorer_value": np.asarray(out.scores), "kl_bound": np.asarray(out.kl_bound)}
+        out = token_cd(model, prompts, scorer, lam=cfg.lam, k=cfg.cd_top_k, key=k, **common)
+        return {"tokens": np.asarray(out.tokens)[:, None], "lengths": np.asarray(out.lengths)[:, None]}
+
+    return run
+
+
+def run(cfg: GenerateConfig) -> dict:
+    from iapo_jax.commands.common import job_context
+    from iapo_jax.commands.job_inputs import (
+        load_model_and_tokenizer,
+        load_prompts,
+        make_reward,
+        parse_key_values,
+        resolve_model_source,
+    )
+    from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
+    from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
+    from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
+    from iapo_jax.decoding.sampler import decode_texts
+
+    check_config(cfg)
+    with job_context("generate", cfg) as ctx:
+        source = resolve_model_source(cfg.model)
+        prompts = load_prompts(cfg.prompts_file, split=cfg.prompt_split,
+                               categories=cfg.prompt_categories, num_prompts=cfg.num_prompts,
+                               seed=cfg.prompt_seed)
+        reward = make_reward(cfg.reward, parse_key_values(cfg.reward_options, "--reward-options")) \
+            if cfg.reward else None
+        ctx.add_data("prompts", prompts, count=len(prompts))
+        with ctx.timer("load_model"):
+            model, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
+            scorer = _scorer(cfg, model) if cfg.scorer else None
+        mesh = decoding_mesh(cfg.data)
+        if mesh is not None:
+            ctx.set_mesh(mesh)
+        plan = PromptPlan.make(len(prompts), cfg.batch_prompts)
+        sampler = _batch_sampler(cfg, model, tokenizer, reward, scorer, ctx.key(cfg.seed), mesh,
+                                 prompt_bucket(tokenizer, prompts))
+        start = time.perf_counter()
+        with ctx.timer("sampling"):
+            out = run_batches(prompts, plan, sampler,
+                              progress=lambda it: ctx.progress(it, desc=f"generate ({cfg.mode})",
+                                                               unit="batch"))
+        seconds = time.perf_counter() - start
+        per_prompt = out["tokens"].shape[1]
+        flat_tokens = out["tokens"].reshape(len(prompts) * per_prompt, -1)
+        flat_lengths = out["lengths"].reshape(-1)
+        texts = decode_texts(tokenizer, flat_tokens, flat_lengths)
+        prompt_of = [p for p in prompts for _ in range(per_prompt)]
+        rewards = None
+        if reward is not None:
+            with ctx.timer("scoring"):
+                rewards = np.asarray(reward.score(prompt_of, list(texts)), np.float64)
+
+        rows = []
+        for row, text in enumerate(texts):
+            i, j = divmod(row, per_prompt)
+            item = {"prompt_index": i, "prompt": prompts[i], "sample": j, "response": text,
+                    "num_tokens": int(flat_lengths[row])}
+            if rewards is not None:
+                item["reward"] = float(rewards[row])
+            if "candidate_scores" in out:
+                item["candidate_scores"] = out["candidate_scores"][i].tolist()
+                item["chosen"] = int(out["chosen"][i])
+            if "scorer_value" in out:
+                item["scorer_value"] = float(out["scorer_value"][i])
+                item["kl_bound"] = float(out["kl_bound"][i])
+            rows.append(item)
+        write_jsonl(ctx.run_dir / SAMPLES_FILE, rows)
+
+        metrics = {"prompts": len(prompts), "responses": len(texts),
+                   "mean_response_tokens": float(flat_lengths.mean()),
+                   "tokens_per_s": float(flat_lengths.sum() / max(seconds, 1e-9))}
+        if rewards is not None:
+            metrics["mean_reward"] = float(rewards.mean())
+            metrics["reward_std"] = float(rewards.std())
+        if cfg.mode in ("bon", "won"):
+            metrics["kl_bound"] = float(best_of_k_kl_bound(cfg.n))
+            metrics["mean_selected_score"] = float(
+                np.take_along_axis(out["candidate_scores"], out["chosen"][:, None], 1).mean())
+        if cfg.mode == "blockwise":
+            metrics["mean_kl_bound"] = float(out["kl_bound"].mean())
+            metrics["mean_scorer_value"] = float(out["scorer_value"].mean())
+        return metrics
