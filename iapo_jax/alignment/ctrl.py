@@ -31,6 +31,7 @@ from iapo_jax.alignment.ctrl_step import (
 )
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.sampler import sample_batch
+from iapo_jax.parallel.sharded_step import check_batch_divides, shard_train_state
 from iapo_jax.rewards.calibration import ReferencePool
 from iapo_jax.rewards.transforms import get_transform
 
@@ -82,11 +83,12 @@ def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(graphdef, opts: StepOptions, learning_rate: float, warmup_steps: int, max_grad_norm: float):
-    """One jitted step per (model structure, options, optimizer settings): trainers of several
+def compiled_step(graphdef, opts: StepOptions, learning_rate: float, warmup_steps: int, max_grad_norm: float,
+                  mesh=None):
+    """One jitted step per (model structure, options, optimizer settings, mesh): trainers of several
     methods on the same model share the compiled program instead of compiling their own."""
     optimizer = make_optimizer(learning_rate, warmup_steps, max_grad_norm)
-    return optimizer, make_train_step(graphdef, optimizer, opts)
+    return optimizer, make_train_step(graphdef, optimizer, opts, mesh)
 
 
 @dataclasses.dataclass
@@ -100,6 +102,10 @@ class CTRLTrainer:
 
     reward: a batched `score(prompts, responses) -> [n]` (see iapo_jax.rewards).
     pool: reference pools for every training prompt (and the probe prompts, if any).
+    mesh: a ('data', 'fsdp', 'tensor') mesh (iapo_jax.parallel.make_mesh) to train on: parameters
+      and optimizer state sharded by their logical names, the rollout rows over data x fsdp, and
+      sampling split over the 'data' axis. prompts_per_step x samples_per_prompt must divide
+      over data x fsdp.
     """
 
     def __init__(
@@ -115,8 +121,13 @@ class CTRLTrainer:
         probe_prompts: Sequence[str] = (),
         ref_tokenizer=None,
         log: Callable[..., None] | None = None,
+        mesh=None,
     ):
         self.cfg = cfg.validate()
+        if mesh is not None:  # before any compute: the rollout batch must split evenly
+            check_batch_divides(cfg.prompts_per_step * cfg.samples_per_prompt, mesh,
+                                "rollout batch (prompts_per_step x samples_per_prompt)")
+        self.mesh = mesh
         check_same_tokenizer(policy, reference, tokenizer, ref_tokenizer)
         if cfg.transform != "raw":
             if pool is None:
@@ -150,13 +161,20 @@ class CTRLTrainer:
             # Own copies: the step donates them, and `policy` may share buffers with the reference.
             self.frozen, self.trainable = None, jax.tree.map(jnp.copy, base)
         self.optimizer, self._step_fn = compiled_step(
-            self.graphdef, self.opts, cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+            self.graphdef, self.opts, cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm, mesh)
         self.opt_state = self.optimizer.init(self.trainable)
+        self._place()
         self.step = 0
         order = np.random.default_rng(cfg.seed).permutation(len(self.train_prompts))
         self._order = [self.train_prompts[i] for i in order]
 
     # -- state ----------------------------------------------------------------------------------
+    def _place(self) -> None:
+        """Shard the training state over the mesh (a no-op without one)."""
+        if self.mesh is not None:
+            self.trainable, self.frozen, self.opt_state = shard_train_state(
+                self.trainable, self.frozen, self.opt_state, self.mesh)
+
     def current_policy(self):
         """The policy with the latest weights (LoRA factors merged) as an NNX module."""
         return nnx.merge(self.graphdef, policy_state(self.frozen, self.trainable, self.opts))
@@ -171,6 +189,7 @@ class CTRLTrainer:
     def restore(self, restored) -> None:
         """Continue from a `Checkpointer.restore(model=..., opt_state=...)` result."""
         self.trainable, self.opt_state = restored.model, restored.opt_state
+        self._place()  # whatever mesh the checkpoint was restored onto, train on this one
         self.key, self.step = restored.rng, int(restored.data_position)
         self.beta = float(restored.meta.get("extra", {}).get("beta", self.beta))
 
@@ -194,8 +213,9 @@ class CTRLTrainer:
         self.key, sample_key = jax.random.split(self.key)
         policy = self.current_policy()
         batch = prepare(policy, prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=self.tokenizer,
-                        key=sample_key, temperature=cfg.temperature)
-        out = sample_batch(policy, batch, n=n, ref_model=self.reference, tokenizer=self.tokenizer)
+                        key=sample_key, temperature=cfg.temperature, mesh=self.mesh)
+        out = sample_batch(policy, batch, n=n, ref_model=self.reference, tokenizer=self.tokenizer,
+                           mesh=self.mesh)
         responses = list(out.texts)
         raw = self.reward.score([p for p in prompts for _ in range(n)], responses)
         raw = np.asarray(raw, np.float32).reshape(len(prompts), n)
@@ -206,8 +226,10 @@ class CTRLTrainer:
             jnp.asarray(task.reshape(-1)), out.raw_logprobs, out.ref_logprobs, mask, self.beta, n,
             cfg.kl_in_loss, cfg.advantage,
         )
+        real = batch.real_rows  # rows a mesh padded the prompts with are not part of the rollout
         rollout = RolloutBatch(
-            prompt_ids=jnp.repeat(batch.ids, n, axis=0), prompt_mask=jnp.repeat(batch.mask, n, axis=0),
+            prompt_ids=jnp.repeat(batch.ids[:real], n, axis=0),
+            prompt_mask=jnp.repeat(batch.mask[:real], n, axis=0),
             tokens=out.tokens, lengths=lengths, advantages=adv,
             old_logp=out.raw_logprobs, ref_logp=out.ref_logprobs,
         )
@@ -237,8 +259,8 @@ class CTRLTrainer:
         samples_per_prompt = samples_per_prompt or self.cfg.samples_per_prompt
         policy = self.current_policy()
         batch = prepare(policy, self.probe_prompts, max_new_tokens=self.cfg.max_new_tokens,
-                        tokenizer=self.tokenizer, key=seed)
-        out = sample_batch(policy, batch, n=samples_per_prompt, tokenizer=self.tokenizer)
+                        tokenizer=self.tokenizer, key=seed, mesh=self.mesh)
+        out = sample_batch(policy, batch, n=samples_per_prompt, tokenizer=self.tokenizer, mesh=self.mesh)
         rep = [p for p in self.probe_prompts for _ in range(samples_per_prompt)]
         raw = np.asarray(self.reward.score(rep, list(out.texts)), np.float32)
         u = self.pool.calibrate(self.probe_prompts, raw.reshape(len(self.probe_prompts), -1))

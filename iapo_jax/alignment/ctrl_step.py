@@ -2,7 +2,8 @@
 
 Full fine-tuning trains the whole parameter state; LoRA trains low-rank factors merged into the
 frozen base inside the step. beta, clip epsilon and the learning-rate schedule position are traced
-values, so sweeping them never recompiles.
+values, so sweeping them never recompiles. With a mesh, the step runs sharded: parameters and
+optimizer state by their logical names, the rollout rows over data x fsdp (iapo_jax.parallel).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx, struct
 
 from iapo_jax.alignment import lora, losses
 from iapo_jax.decoding.reference import response_logprobs
+from iapo_jax.parallel.sharded_step import sharded_train_step
 
 
 @struct.dataclass
@@ -47,8 +49,12 @@ def policy_state(frozen: nnx.State, trainable: Any, opts: StepOptions) -> nnx.St
     return trainable
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: StepOptions):
-    """Returns step(trainable, frozen, opt_state, batch, beta, clip_eps) -> (trainable, opt_state, metrics)."""
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: StepOptions, mesh=None):
+    """Returns step(trainable, frozen, opt_state, batch, beta, clip_eps) -> (trainable, opt_state, metrics).
+
+    mesh: run sharded on it; place the state first with parallel.sharded_step.shard_train_state.
+    The batch is split over data x fsdp by the step itself (rows must divide evenly).
+    """
 
     def loss_fn(trainable, frozen, batch: RolloutBatch, beta, clip_eps):
         model = nnx.merge(graphdef, policy_state(frozen, trainable, opts))
@@ -81,6 +87,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
         metrics["grad_norm"] = optax.global_norm(grads)
         return trainable, opt_state, metrics
 
+    if mesh is not None:
+        return sharded_train_step(step, mesh)
     return jax.jit(step, donate_argnums=(0, 2))
 
 

@@ -24,6 +24,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -200,17 +201,24 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
     return _map_leaves(one, state)
 
 
-def shard_params(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+def shard_params(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, fresh: bool = False) -> Any:
     """Place every array of ``state`` on ``mesh`` according to its variable's logical names.
 
     ``state`` is an nnx.State (or any tree of nnx.Variables / arrays); the result has the same
-    structure and metadata. Leaves without names are replicated.
+    structure and metadata. Leaves without names are replicated. ``fresh=True`` guarantees new
+    buffers, as a step that donates the result needs: a placement may share a device's buffer with
+    ``state`` (even with ``may_alias=False``, e.g. one device -> replicated), and donating it would
+    delete the caller's array.
     """
+    def place(value, sharding):
+        out = jax.device_put(value, sharding)
+        return jnp.copy(out) if fresh else out
+
     def one(leaf, path):
         sharding = _leaf_sharding(leaf, mesh, rules, path)
         if _is_variable(leaf):
-            return leaf.replace(jax.device_put(leaf.get_value(), sharding))
-        return jax.device_put(leaf, sharding) if hasattr(leaf, "shape") else leaf
+            return leaf.replace(place(leaf.get_value(), sharding))
+        return place(leaf, sharding) if hasattr(leaf, "shape") else leaf
 
     return _map_leaves(one, state)
 
