@@ -35,6 +35,12 @@ class CtrlJobConfig(CTRLConfig):
     """Checkpoint every k steps (and at the end, and on SIGTERM)."""
     keep_last: int = 2
     """Checkpoints to keep."""
+    data: int = 1
+    """Mesh 'data' axis size (-1: all devices left over). 1 with fsdp=tensor=1 runs unsharded."""
+    fsdp: int = 1
+    """Mesh 'fsdp' axis size (parameters and optimizer state sharded over it)."""
+    tensor: int = 1
+    """Mesh 'tensor' axis size (heads and MLP width sharded over it)."""
 
 
 def run(cfg: CtrlJobConfig) -> dict:
@@ -52,6 +58,12 @@ def run(cfg: CtrlJobConfig) -> dict:
     reward = get_reward(cfg.reward)
     pool = ReferencePool.load(cfg.pool_dir) if cfg.pool_dir else None
     with job_context("ctrl", cfg) as ctx:
+        mesh = None
+        if (cfg.data, cfg.fsdp, cfg.tensor) != (1, 1, 1):
+            from iapo_jax.parallel.mesh import make_mesh
+
+            mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
+            ctx.set_mesh(mesh)
         reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
         tokenizer = iapo_jax.load_tokenizer(cfg.model)
         if pool is None and cfg.transform != "raw":
@@ -68,7 +80,7 @@ def run(cfg: CtrlJobConfig) -> dict:
             ctx.add_data("pool", pool.fingerprint())
         policy = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
         trainer = CTRLTrainer(cfg, policy, reference, tokenizer, reward, pool, prompts,
-                              probe_prompts=prompts if cfg.probe_every else ())
+                              probe_prompts=prompts if cfg.probe_every else (), mesh=mesh)
         ckpt = ctx.checkpointer(keep_last=cfg.keep_last, save_every=cfg.save_every)
         if ctx.resume and ckpt.latest_step() is not None:
             restored = ckpt.restore(model=trainer.trainable, opt_state=trainer.opt_state)
