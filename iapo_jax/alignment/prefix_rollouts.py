@@ -83,8 +83,11 @@ def concat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
 
 
 def sample_rollouts(reference, tokenizer, prompts: Sequence[str], reward, *, n: int, max_new_tokens: int,
-                    key=0, temperature: float = 1.0, prompts_per_batch: int = 16):
+                    key=0, temperature: float = 1.0, top_k: int = 0, prompts_per_batch: int = 16):
     """n responses per prompt from `reference` (pi_ref), scored by `reward` (a ``Reward``).
+
+    top_k > 0 samples from pi_ref's k most likely tokens (the distribution CD-Q with the same
+    top_k bootstraps over), 0 from the full distribution.
 
     Returns (Rollouts with rows prompt-major, response texts, the prompt of each row).
     """
@@ -104,7 +107,7 @@ def sample_rollouts(reference, tokenizer, prompts: Sequence[str], reward, *, n: 
     for chunk, real in padded_chunks(prompts, min(prompts_per_batch, len(prompts))):
         key, sub = jax.random.split(key)
         batch = prepare(reference, chunk, max_new_tokens=max_new_tokens, tokenizer=tokenizer, key=sub,
-                        temperature=temperature, prompt_buckets=(bucket,))
+                        temperature=temperature, top_k=top_k, prompt_buckets=(bucket,))
         out = sample_batch(reference, batch, n=n, tokenizer=tokenizer)
         rows = real * n
         rep = [p for p in chunk[:real] for _ in range(n)]

@@ -297,6 +297,7 @@ class PrefixScorerTrainer:
         self._step_fn = make_train_step(self.graphdef, self.optimizer, self.finetune, cfg.method,
                                         self.on_features)
         self._arrays = self._prepare(self.train_data)
+        self._eval_features: dict[int, tuple] = {}  # mode 'head': (data, frozen states) per data set
         self.step = 0
         self._saved_step = -1
 
@@ -361,7 +362,17 @@ class PrefixScorerTrainer:
     def values(self, data: Rollouts) -> np.ndarray:
         """V([x, y^t]) for t = 0 .. R under the current weights -> [B, R+1]."""
         if self.on_features:
-            feats = self._arrays["h"] if data is self.train_data else self._prepare(data)["h"]
+            if data is self.train_data:
+                feats = self._arrays["h"]
+            else:
+                cached = self._eval_features.get(id(data))
+                if cached is None or cached[0] is not data:  # keep the data alive: ids stay unique
+                    g, s = self._backbone_state()
+                    rows = (data.prompt_ids, data.prompt_mask, data.tokens, data.lengths)
+                    cached = (data, np.asarray(chunked(functools.partial(_prefix_hidden_jit, g, s), rows,
+                                                       self.cfg.eval_batch_size)))
+                    self._eval_features[id(data)] = cached
+                feats = cached[1]
             return np.asarray(project(self.trainable, jnp.asarray(feats)))
         g, s = nnx.split(self.current_model())
         fn = functools.partial(_values_jit, g, s)

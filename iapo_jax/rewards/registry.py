@@ -11,7 +11,7 @@ _FACTORIES: dict[str, Callable[..., Reward]] = {}
 
 # Modules whose import registers built-in rewards. Imported on first lookup, so that
 # `import iapo_jax.rewards` stays cheap and optional scorers load only when asked for.
-_BUILTIN_MODULES = ("iapo_jax.rewards.packaged",)
+_BUILTIN_MODULES = ("iapo_jax.rewards.packaged", "iapo_jax.rewards.reward_model")
 
 
 def register_reward(name: str):

@@ -1,0 +1,1 @@
+"""Benchmarks: `iapo bench decode` measures decoding throughput against transformers' generate."""

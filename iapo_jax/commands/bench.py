@@ -1,0 +1,103 @@
+"""``iapo bench decode``: decoding throughput of this project against transformers' generate.
+
+    iapo bench decode                       # SmolLM2-135M-Instruct and a tiny model, f32 and bf16
+    iapo bench decode --json runs/bench_decode.json --markdown bench.md
+    iapo bench decode --models tiny --dtypes float32 --repeats 1      # a quick look
+
+Prints one table per dtype: generated tokens/s of this project and of transformers (same weights,
+dtype, prompts and lengths, num_return_sequences = N, in the same run), their ratio, compile time,
+peak memory, and the fraction of the machine's roofline (measured bandwidth and matmul peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+REPRODUCE_IGNORE = ("*",)  # every number here is a timing
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Decoding throughput against transformers' generate (plain, best-of-N, blockwise CD)."""
+
+    target: tyro.conf.Positional[Literal["decode"]] = "decode"
+    """What to benchmark (only `decode`)."""
+    json: Path | None = None
+    """Write the records (a JSON list) here."""
+    markdown: Path | None = None
+    """Write the tables (markdown, with the machine named) here."""
+    models: tuple[str, ...] = ("smollm2-135m-instruct", "tiny")
+    """Model sources; 'tiny' is a small random Llama written by transformers for the run."""
+    dtypes: tuple[Literal["float32", "bfloat16"], ...] = ("float32", "bfloat16")
+    """Dtypes; each side runs in the same dtype (weights and compute; f32 accumulation)."""
+    modes: tuple[Literal["plain", "bon4", "bon16", "blockwise"], ...] = ("plain", "bon4", "bon16", "blockwise")
+    """plain sampling, best-of-4, best-of-16, blockwise CD (K = --blockwise-k, M = --block-size)."""
+    num_prompts: int = 4
+    """Prompts per call (fixed chat questions)."""
+    max_new_tokens: int = 64
+    """Tokens generated per row (no early stop)."""
+    repeats: int = 3
+    """Timed runs after one warm-up; tokens/s uses their median."""
+    blockwise_k: int = 4
+    """Blockwise CD: candidates per block (K)."""
+    block_size: int = 8
+    """Blockwise CD: tokens per block (M)."""
+    baseline: bool = True
+    """Also time transformers' generate (PyTorch) in the same run."""
+    roofline: bool = True
+    """Measure the machine's bandwidth and matmul peak and report roofline fractions."""
+
+
+def machine_name() -> str:
+    """CPU model (from lscpu / /proc/cpuinfo) and core count, or the accelerator's name."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{dev.device_kind} ({jax.device_count()} x {dev.platform})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def run(cfg: BenchConfig) -> dict:
+    from iapo_jax.bench.decode import run_decode_benchmark
+    from iapo_jax.bench.report import tables
+    from iapo_jax.bench.roofline import measure_machine
+
+    for name in ("num_prompts", "max_new_tokens", "repeats", "blockwise_k", "block_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    machine = measure_machine() if cfg.roofline else None
+    line = f"Machine: {machine_name()}."
+    if machine is not None:
+        line += (f" Measured read bandwidth {machine.bandwidth_gbs:.1f} GB/s; matmul "
+                 f"{machine.matmul_gflops['float32']:.0f} GFLOP/s float32, "
+                 f"{machine.matmul_gflops['bfloat16']:.0f} GFLOP/s bfloat16 (XLA).")
+    records = run_decode_benchmark(cfg, machine)
+    for r in records:
+        r["machine"] = machine_name()
+    text = tables(records, line)
+    print(text)
+    if cfg.json is not None:
+        cfg.json.parent.mkdir(parents=True, exist_ok=True)
+        cfg.json.write_text(json.dumps(records, indent=1))
+    if cfg.markdown is not None:
+        cfg.markdown.parent.mkdir(parents=True, exist_ok=True)
+        cfg.markdown.write_text(text + "\n")
+    return {f"{r['model']}/{r['dtype']}/{r['mode']}/{key}": r[key] for r in records
+            for key in ("tokens_per_s", "ratio") if r[key] is not None}

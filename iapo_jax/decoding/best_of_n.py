@@ -1,0 +1,160 @@
+"""Best-of-N and worst-of-N: prefill each prompt once, broadcast its cache to N branches, sample all
+N in one compiled call, score them, and keep the best (or worst) per prompt.
+
+With only JAX scorers (reward models, value models, PrefixFn) decoding, scoring and selection are
+one compiled program. Python scorers on strings run on the host after the compiled decode.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
+from iapo_jax.decoding.filters import DEFAULT_CAP
+from iapo_jax.decoding.inputs import prepare
+from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
+from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice
+from iapo_jax.decoding.sampler import decode_jit, decode_texts, split_model, start_jit, trim
+from iapo_jax.decoding.scorers import as_scorer_set, final_scores, host_scores, host_weights
+
+
+@struct.dataclass
+class BestOfNOutput:
+    """All N responses per prompt with their scores, and the chosen one."""
+
+    tokens: jax.Array  # [B, N, T] int32
+    lengths: jax.Array  # [B, N]
+    logprobs: jax.Array  # [B, N, T] under the sampling policy
+    raw_logprobs: jax.Array  # [B, N, T] under the unfiltered temperature-1 policy
+    scores: jax.Array  # [B, N] weighted sum of the scorers
+    component_scores: jax.Array  # [num_scorers, B, N] each scorer alone (JAX scorers first)
+    chosen: jax.Array  # [B] index of the selected response
+    kl_bound: float = struct.field(pytree_node=False, default=0.0)  # log N - (N-1)/N
+    texts: tuple | None = struct.field(pytree_node=False, default=None)  # [B][N] strings
+
+    @property
+    def best_tokens(self) -> jax.Array:
+        return jnp.take_along_axis(self.tokens, self.chosen[:, None, None], 1)[:, 0]
+
+    @property
+    def best_lengths(self) -> jax.Array:
+        return jnp.take_along_axis(self.lengths, self.chosen[:, None], 1)[:, 0]
+
+    @property
+    def best_texts(self) -> tuple[str, ...] | None:
+        if self.texts is None:
+            return None
+        return tuple(row[int(c)] for row, c in zip(self.texts, np.asarray(self.chosen)))
+
+
+def select(scores: jax.Array, worst: bool) -> jax.Array:
+    """[B, N] -> [B] index of the best (highest) or worst (lowest) score; ties go to the first."""
+    return jnp.argmin(scores, axis=1) if worst else jnp.argmax(scores, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "n", "worst", "cap"),
+                   donate_argnames=("dstate",))
+def best_of_n_jit(graphdef, state, dstate, rules: DecodeRules, ids, mask, kinds, sstates, weights,
+                  until, *, n: int, worst: bool, cap: int = DEFAULT_CAP):
+    """Decode the N branches, score them with the JAX scorers and select, in one program."""
+    model = nnx.merge(graphdef, state)
+    ds = decode(model, dstate, rules, until, plain_choice(cap))
+    parts = final_scores(kinds, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0),
+                         ds.tokens, ds.lengths)
+    total = (weights @ parts).reshape(-1, n)
+    return ds, parts, select(total, worst)
+
+
+@functools.partial(jax.jit, static_argnames=("kinds", "n"))
+def final_scores_jit(kinds, sstates, ids, mask, tokens, lengths, *, n: int):
+    return final_scores(kinds, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens, lengths)
+
+
+def best_of_n(
+    model,
+    prompts,
+    reward,
+    *,
+    n: int,
+    max_new_tokens,
+    worst: bool = False,
+    weights=None,
+    key: Any = 0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    stop_tokens=None,
+    tokenizer=None,
+    chat: bool = True,
+    mesh=None,
+    data_axis: str = "data",
+    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
+    cap: int = DEFAULT_CAP,
+) -> BestOfNOutput:
+    """Sample n responses per prompt and select the best (or, with worst=True, the worst).
+
+    reward: a scorer or a list of scorers / (scorer, weight) pairs (see `scorers`); `weights`
+    overrides the weights at call time. Python scorers get (prompt texts, response texts) and must
+    return one finite score per response.
+    """
+    if int(n) < 1:
+        raise ValueError(f"N must be at least 1, got {n}.")
+    n = int(n)
+    sset = as_scorer_set(reward, weights)
+    if sset.has_host and tokenizer is None:
+        raise ValueError("a Python scorer scores text: pass tokenizer= so responses can be decoded.")
+    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
+                    stop_tokens=stop_tokens, key=key, temperature=temperature, top_k=top_k,
+                    top_p=top_p, prompt_buckets=prompt_buckets, response_buckets=response_buckets,
+                    mesh=mesh, data_axis=data_axis)
+    graphdef, state = split_model(model, mesh)
+    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
+                          response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
+    rows = batch.real_rows * n
+    b = batch.real_rows
+    if not sset.has_host:
+        ds, parts, chosen = best_of_n_jit(graphdef, state, ds, rules, batch.ids, batch.mask, sset.kinds,
+                                          sset.states, sset.weights, batch.response_len, n=n,
+                                          worst=worst, cap=cap)
+        parts = parts[:, :rows]
+        chosen = chosen[:b]
+    else:
+        ds = decode_jit(graphdef, state, ds, rules, batch.response_len, cap=cap)
+        parts_np = []
+        weight_np = []
+        if sset.has_jax:
+            jp = final_scores_jit(sset.kinds, sset.states, batch.ids, batch.mask, ds.tokens, ds.lengths, n=n)
+            parts_np.append(np.asarray(jp)[:, :rows])
+            weight_np.append(np.asarray(sset.weights))
+        texts = decode_texts(tokenizer, ds.tokens[:rows], ds.lengths[:rows])
+        prompt_texts = [t for t in batch.prompt_texts[:b] for _ in range(n)]
+        parts_np.append(host_scores(sset.host, prompt_texts, texts))
+        weight_np.append(host_weights(sset.host))
+        parts = jnp.asarray(np.concatenate(parts_np))
+        total = jnp.asarray(np.concatenate(weight_np)) @ parts
+        chosen = select(total.reshape(b, n), worst)
+    parts_host = np.asarray(parts)
+    if not np.all(np.isfinite(parts_host)):
+        bad = [sset.names[i] for i in range(parts_host.shape[0]) if not np.all(np.isfinite(parts_host[i]))]
+        raise ValueError(f"scorer(s) {bad} gave NaN/inf scores; fix the scorer so every score is finite.")
+    all_w = np.concatenate([np.asarray(sset.weights), host_weights(sset.host)]) if sset.has_host \
+        else np.asarray(sset.weights)
+    total = jnp.asarray(all_w) @ parts
+    cols = batch.max_new_tokens
+    shape3 = lambda x: trim(x, rows, cols).reshape(b, n, -1)  # noqa: E731
+    out = BestOfNOutput(
+        tokens=shape3(ds.tokens), lengths=trim(ds.lengths, rows).reshape(b, n),
+        logprobs=shape3(ds.logprobs), raw_logprobs=shape3(ds.raw_logprobs),
+        scores=total.reshape(b, n), component_scores=parts.reshape(-1, b, n), chosen=chosen,
+        kl_bound=best_of_k_kl_bound(n))
+    if tokenizer is not None:
+        flat = decode_texts(tokenizer, out.tokens.reshape(rows, -1), out.lengths.reshape(rows))
+        out = out.replace(texts=tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(b)))
+    return out
