@@ -86,6 +86,24 @@ def test_pairs_file_round_trip_and_bad_line(tmp_path):
         load_pairs(path)
 
 
+def test_hh_rlhf_records_become_multi_turn_chat_pairs(chat):
+    from iapo_jax.data.hh_rlhf_parse import parse_pair
+    from iapo_jax.rewards.preference_pairs import pairs_from_records
+
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bake bread?\n\nAssistant:"
+    parsed = parse_pair({"chosen": shared + " Sure.", "rejected": shared + " No."})
+    record = {"prompt": parsed.prompt, "chosen": parsed.chosen, "rejected": parsed.rejected,
+              "messages": list(parsed.messages), "line": 1}  # as the grain pipeline yields it
+    (pair,) = pairs_from_records([record])
+    assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
+    assert (pair.chosen, pair.rejected) == ("Sure.", "No.")
+    _, tok = chat
+    (seq,), _ = sequence_ids(tok, [pair.prompt], [pair.chosen], 256)
+    text = tok.decode(seq)
+    assert text.index("Hi") < text.index("Hello!") < text.index("Bake bread?") < text.index("Sure.")
+    assert text.endswith("assistant\nSure." + tok.eos_token)
+
+
 def test_sequences_are_chat_prompt_response_end_and_cut_from_the_left(chat):
     _, tok = chat
     out = tok.apply_chat_template([{"role": "user", "content": "Hello?"}], add_generation_prompt=True,

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 from typing import Literal
 
 import tyro
 
 REPRODUCE_IGNORE = ("*",)  # every number here is a timing
+
+# PyTorch's OpenMP threads spin while waiting by default; on a CPU shared with other processes that
+# made transformers' generate up to ~25x slower in our measurements. Passive waiting is the fair
+# baseline (it changes little on an idle machine). OpenMP reads this once, before torch loads.
+OMP_POLICY = "PASSIVE"
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_POLICY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +92,19 @@ def run(cfg: BenchConfig) -> dict:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
     machine = measure_machine() if cfg.roofline else None
-    line = f"Machine: {machine_name()}."
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    line = f"Machine: {machine_name()}"
+    line += f" (load average {load[0]:.1f} at the start)." if load else "."
     if machine is not None:
         line += (f" Measured read bandwidth {machine.bandwidth_gbs:.1f} GB/s; matmul "
                  f"{machine.matmul_gflops['float32']:.0f} GFLOP/s float32, "
                  f"{machine.matmul_gflops['bfloat16']:.0f} GFLOP/s bfloat16 (XLA).")
     records = run_decode_benchmark(cfg, machine)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for r in records:
         r["machine"] = machine_name()
+        r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+        r["load_average_1min_at_end"] = load
     text = tables(records, line)
     print(text)
     if cfg.json is not None:
