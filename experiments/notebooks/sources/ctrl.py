@@ -63,7 +63,7 @@ if SMALL:  # the test suite: a tiny model, a few prompts, two RL steps
         train_prompts=4, eval_prompts=4, pool_size=4, eval_samples=4, eval_ns=(1, 2),
         steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8,
         learning_rate=1e-3, target_kl=1.0)
-else:  # sized for a Colab GPU (a few minutes); on a laptop CPU try `iapo quickstart` instead
+else:  # sized for a Colab GPU; on a laptop CPU try `iapo quickstart` instead
     cfg = CompareConfig(
         model=MODEL, reward="vader", procedure="bon", deploy_n=4, methods=("ctrl", "calibrated", "raw"),
         train_prompts=32, eval_prompts=32, pool_size=32, eval_samples=32, eval_ns=(1, 2, 4, 8),

@@ -8,7 +8,8 @@ SMALL and MODEL come from the shared setup cell (setup_cell.py).
 # # Controlled decoding side by side: best-of-N, blockwise CD and token-level CD
 #
 # Three ways to steer a frozen model `pi_ref` towards a reward at inference time, on the same chat
-# prompts, with the same reward (VADER sentiment, a packaged scorer nobody here wrote):
+# prompts, with the same reward (VADER sentiment, a packaged scorer nobody here wrote; the SMALL test
+# settings reward the response length instead):
 #
 # | method | what happens per prompt | KL(pi \|\| pi_ref) |
 # |---|---|---|
@@ -17,7 +18,7 @@ SMALL and MODEL come from the shared setup cell (setup_cell.py).
 # | **token-level CD** | sample each token from pi_ref(z) exp(lambda V([x, y, z])) over the top-k tokens | estimated from samples |
 #
 # V is a *prefix scorer*: here a CD-FUDGE value model (pi_ref's backbone with a scalar head trained
-# to predict the final reward from every prefix), trained in a minute below. Blockwise CD also takes
+# to predict the final reward from every prefix), trained below. Blockwise CD also takes
 # a plain Python scorer on strings, so we run it with VADER itself on the partial responses too.
 #
 # Everything is compiled once per shape: every prompt is prefilled once and its KV cache shared by
@@ -110,9 +111,9 @@ record(f"best-of-{N}", bon.best_texts, time.perf_counter() - t0, bon.kl_bound, "
 
 # %%
 t0 = time.perf_counter()
-blk_vader = sampler.blockwise(rows, reward, k=K, block_size=M, key=3)
-record(f"blockwise K={K} M={M} ({reward.name})", blk_vader.texts, time.perf_counter() - t0,
-       float(np.mean(blk_vader.kl_bound)), "bound")
+blk_reward = sampler.blockwise(rows, reward, k=K, block_size=M, key=3)
+record(f"blockwise K={K} M={M} ({reward.name})", blk_reward.texts, time.perf_counter() - t0,
+       float(np.mean(blk_reward.kl_bound)), "bound")
 
 # %% [markdown]
 # ## A CD-FUDGE prefix scorer
@@ -122,17 +123,17 @@ record(f"blockwise K={K} M={M} ({reward.name})", blk_vader.texts, time.perf_coun
 # (mode `head`: hidden states are computed once, then only 1 + d parameters train).
 
 # %%
-# As many prompts as `rows` and N samples each: the sampling program compiled above is reused.
+# As many prompts as `rows` and N samples each: the program compiled above, when the prompts fit its bucket.
 rollouts, _, _ = sample_rollouts(model, tokenizer, train_prompts, reward, n=N, max_new_tokens=MAX_NEW,
                                  key=4, prompts_per_batch=len(rows))
 cfg = ScorerTrainConfig(method="fudge", mode="head", steps=SCORER_STEPS, batch_size=16,
                         learning_rate=1e-3, warmup_steps=min(10, SCORER_STEPS))
 trainer = PrefixScorerTrainer(cfg, ValueModel.from_policy(model, nnx.Rngs(0)), rollouts)
-before = trainer.evaluate(rollouts)["mse"]
+before = trainer.evaluate(trainer.train_data)["mse"]  # the training rollouts: features are cached
 history = trainer.train()
-after = trainer.evaluate(rollouts)["mse"]
+after = trainer.evaluate(trainer.train_data)["mse"]
 value_model = trainer.current_model()
-print(f"{rollouts.size} rollouts; prefix MSE to the final reward {before:.4f} -> {after:.4f}")
+print(f"{rollouts.size} rollouts; mean squared error of V(prefix) to the final reward {before:.4f} -> {after:.4f}")
 
 # %% [markdown]
 # ## Blockwise CD and token-level CD with the learned scorer
