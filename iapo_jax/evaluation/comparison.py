@@ -167,12 +167,11 @@ def results_table(cfg: CompareConfig, rows: dict[str, dict]) -> str:
 
 
 def plot_win_rates(cfg: CompareConfig, rows: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    # A bare Figure, not pyplot: no global backend switch, so notebooks keep showing their plots.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, r in rows.items():
         ns = list(cfg.eval_ns)
         ws = [r["win_rates"][f"{cfg.procedure}@{n}"] for n in ns]
@@ -182,12 +181,11 @@ def plot_win_rates(cfg: CompareConfig, rows: dict[str, dict], path: Path) -> Non
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"N ({'best' if cfg.procedure == 'bon' else 'worst'}-of-N at inference)")
-    ax.set_ylabel("win rate against the reference under the same procedure")
+    ax.set_ylabel("win rate vs reference (same procedure)")
     ax.set_title(f"{cfg.reward} reward, {cfg.model}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) -> dict[str, Any]:
