@@ -6,7 +6,6 @@ prefix is known (it equals the reward) and a constant predictor scores MSE 1: FU
 it, CD-Q must propagate it from the final prefix back through its Bellman targets.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,56 +54,53 @@ def data():
     return prompt_valued_rollouts(128, 0), prompt_valued_rollouts(32, 1)
 
 
-def test_candidate_states_equal_full_forward_passes(base):
-    vm = ValueModel.from_policy(base, nnx.Rngs(0))
+def test_candidate_values_exact_and_top_vocabulary_targets_and_brute_force(base):
+    """One compiled program: pi_ref's exact next-token distribution and its top-V truncation (the
+    same tokens in another order), the values of every candidate continuation through the KV-cache
+    scan, and the plain forward passes they must equal."""
+    vocab = base.config.vocab_size
+    vm = ValueModel.from_policy(base, nnx.Rngs(0), head_init_std=0.3)
+    head = head_of(nnx.state(vm))
     r = prompt_valued_rollouts(3, 5)
-    cands = jnp.asarray(np.random.default_rng(1).integers(0, 136, (3, R, 4)), jnp.int32)
-    fn = jax.jit(lambda *a: (ps.candidate_hidden(vm.backbone, *a[:5]), ps.prefix_hidden(vm.backbone, *a[:4])))
-    (h_cand, h_next), h_prefix = fn(r.prompt_ids, r.prompt_mask, r.tokens, r.lengths, cands)
+    seq = jnp.concatenate([r.prompt_ids, r.tokens], 1)
+    full_mask = jnp.concatenate([r.prompt_mask, np.ones_like(r.tokens, bool)], 1)
+
+    @jax.jit
+    def compute(prompt_ids, prompt_mask, tokens, lengths):
+        exact_ids, exact_p = ps.next_token_distribution(base, prompt_ids, prompt_mask, tokens, lengths, None)
+        top_ids, top_p = ps.next_token_distribution(base, prompt_ids, prompt_mask, tokens, lengths, vocab)
+        h_cand, h_next = ps.candidate_hidden(vm.backbone, prompt_ids, prompt_mask, tokens, lengths,
+                                             jnp.concatenate([exact_ids, top_ids], axis=-1))
+        values = project(head, h_cand)
+        logits = base(seq, full_mask)[:, P - 1:P - 1 + R]
+        return (exact_p, top_p, values[..., :vocab], values[..., vocab:], h_cand[..., :vocab, :], h_next,
+                ps.prefix_hidden(vm.backbone, prompt_ids, prompt_mask, tokens, lengths), logits, top_ids)
+
+    exact_p, top_p, v_exact, v_top, h_exact, h_next, h_prefix, logits, top_ids = compute(
+        r.prompt_ids, r.prompt_mask, r.tokens, r.lengths)
     real = np.arange(R)[None] < np.asarray(r.lengths)[:, None]
+    # pi_ref's exact distribution is the softmax of the policy's own logits (in vocabulary order).
+    np.testing.assert_allclose(np.asarray(exact_p)[real], np.asarray(jax.nn.softmax(logits, -1))[real], atol=1e-6)
+    # CD-Q targets: the exact expectation and top-k with k = vocabulary agree.
+    _, is_last = ps.prefix_masks(r.lengths, R)
+    targets = [np.asarray(losses.cd_q_targets(ps.pad_last_prefix(v), ps.pad_last_prefix(p), jnp.asarray(r.rewards),
+                                              is_last)) for v, p in ((v_exact, exact_p), (v_top, top_p))]
+    np.testing.assert_allclose(targets[1], targets[0], atol=1e-5)
+    assert not np.array_equal(np.asarray(top_ids)[0, 0], np.arange(vocab))  # really another order
+    # Copy 0 of the scan follows the real response: its states are the full pass's prefix states.
     np.testing.assert_allclose(np.asarray(h_next)[real], np.asarray(h_prefix)[:, 1:][real], atol=1e-5)
     # Brute force: [prompt, y_1..y_t, z] as ordinary sequences, last position's state.
-    picks = [(0, 0, 0), (0, 1, 3), (1, 1, 2), (2, 0, 1)]
+    picks = [(0, 0, 7), (0, 1, 100), (1, 2, 33), (2, 0, 135)]
     seqs = []
-    for b, t, j in picks:
+    for b, t, z in picks:
         prompt = np.asarray(r.prompt_ids[b])[np.asarray(r.prompt_mask[b])]
-        seqs.append(np.concatenate([prompt, np.asarray(r.tokens[b, :t]), [int(cands[b, t, j])]]))
-    width = max(len(s) for s in seqs)
-    ids = np.stack([np.pad(s, (width - len(s), 0)) for s in seqs]).astype(np.int32)
-    mask = np.stack([np.arange(width) >= width - len(s) for s in seqs])
+        seqs.append(np.concatenate([prompt, np.asarray(r.tokens[b, :t]), [z]]))
+    width = max(len(x) for x in seqs)
+    ids = np.stack([np.pad(x, (width - len(x), 0)) for x in seqs]).astype(np.int32)
+    mask = np.stack([np.arange(width) >= width - len(x) for x in seqs])
     last = jax.jit(lambda i, m: vm.backbone.hidden(i, m)[:, -1])(ids, mask)
-    want = np.stack([np.asarray(h_cand[b, t, j]) for b, t, j in picks])
+    want = np.stack([np.asarray(h_exact[b, t, z]) for b, t, z in picks])
     np.testing.assert_allclose(np.asarray(last), want, atol=1e-5)
-
-
-def test_cdq_exact_and_top_k_with_k_equal_to_vocabulary_agree(base):
-    vocab = base.config.vocab_size
-    r = prompt_valued_rollouts(4, 2)
-    vm = ValueModel.from_policy(base, nnx.Rngs(0), head_init_std=0.3)
-    targets = []
-    for top_k in (None, vocab):
-        cfg = ps.ScorerTrainConfig(method="cdq", top_k=top_k, mode="head", steps=1, eval_batch_size=4)
-        trainer = ps.PrefixScorerTrainer(cfg, vm, r, reference=base)
-        a = trainer._arrays
-        nv = project(trainer.trainable, jnp.asarray(a["h_cand"]))
-        np.testing.assert_allclose(np.asarray(a["cand_probs"]).sum(-1), 1.0, atol=1e-5)
-        _, is_last = ps.prefix_masks(a["lengths"], R)
-        targets.append(np.asarray(losses.cd_q_targets(ps.pad_last_prefix(nv), ps.pad_last_prefix(a["cand_probs"]),
-                                                      jnp.asarray(a["rewards"]), is_last)))
-    exact, full_top_k = targets
-    np.testing.assert_allclose(full_top_k, exact, atol=1e-5)
-
-
-def test_exact_next_token_distribution_is_pi_ref_softmax(base):
-    r = prompt_valued_rollouts(4, 2)
-    ids, probs = ps.next_token_distribution(base, r.prompt_ids, r.prompt_mask, r.tokens, r.lengths, None)
-    # Plain forward pass of the policy over [prompt, response]: position P-1+t predicts token t+1.
-    seq = jnp.concatenate([r.prompt_ids, r.tokens], 1)
-    mask = jnp.concatenate([r.prompt_mask, np.ones_like(r.tokens, bool)], 1)
-    want = jax.nn.softmax(base(seq, mask)[:, P - 1:P - 1 + R], -1)
-    real = np.arange(R)[None] < np.asarray(r.lengths)[:, None]
-    np.testing.assert_allclose(np.asarray(probs)[real], np.asarray(want)[real], atol=1e-6)
-    assert (np.asarray(ids)[0, 0] == np.arange(base.config.vocab_size)).all()
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +136,31 @@ def test_cdq_learns_known_prefix_values_by_bootstrapping(base, data):
     assert after["buckets"][0]["mse"] < 0.5, after["buckets"]
 
 
-def test_trained_scorer_drives_blockwise_cd_with_the_values_it_was_trained_on(base, fudge_trainer):
-    from iapo_jax.decoding.blockwise import blockwise_cd
+def test_decoding_engine_scores_prefixes_as_training_does(fudge_trainer, data):
+    """Blockwise CD scores each block through the engine's cached scorer path; it must report the
+    values the scorer was trained on (same prompt layout, positions and prefix indexing)."""
+    from iapo_jax.decoding.scorers import as_scorer_set, block_scores, start_states
 
     trainer, _ = fudge_trainer
     scorer = trainer.current_model()
-    prompts = [[72, 105, 33], [79, 107, 63, 33, 32]]
-    out = blockwise_cd(base, prompts, scorer, k=2, block_size=4, max_new_tokens=8, key=3)
-    # Re-score the decoded responses the way training scores rollouts.
-    width = 16  # the prompt bucket blockwise_cd used
-    ids = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts]).astype(np.int32)
-    mask = np.stack([np.arange(width) >= width - len(p) for p in prompts])
-    values = ps.prefix_values(scorer, jnp.asarray(ids), jnp.asarray(mask), out.tokens, out.lengths)
-    final = np.take_along_axis(np.asarray(values), np.asarray(out.lengths)[:, None], 1)[:, 0]
-    np.testing.assert_allclose(np.asarray(out.scores), final, atol=1e-4)
+    _, held_out = data
+    r = held_out.take(np.arange(6))
+    sset = as_scorer_set(scorer)
+
+    @jax.jit
+    def engine_values(states, ids, mask, tokens, lengths):
+        ss = start_states(sset.kinds, states, ids, mask, P + R, 1)
+        out = []
+        for start in (0, 4):  # during decoding a row's length never runs past the current block
+            v, ss = block_scores(sset.kinds, states, ss, ids, mask, tokens, jnp.minimum(lengths, start + 4),
+                                 start, 4)
+            out.append(v[0])
+        return jnp.stack(out, 1)
+
+    got = engine_values(sset.states, r.prompt_ids, r.prompt_mask, r.tokens, r.lengths)
+    values = trainer.values(r)
+    ends = np.minimum(np.asarray(r.lengths)[:, None], np.array([[4, 8]]))  # prefix length after each block
+    np.testing.assert_allclose(np.asarray(got), np.take_along_axis(values, ends, 1), atol=1e-4)
 
 
 def test_checkpoint_round_trip_and_reload_as_a_prefix_scorer(base, data, tmp_path, tiny_chat_llama_dir):
@@ -280,3 +287,20 @@ def test_train_scorer_job_trains_evaluates_and_the_scorer_decodes(tiny_chat_llam
     assert "eval_mse_t0_1" in m and m["blockwise_kl_bound_mean"] > 0
     scorer = load_prefix_scorer(tmp_path / "sc", load_model(tiny_chat_llama_dir))
     assert isinstance(scorer, ValueModel)
+
+
+@pytest.mark.slow
+def test_trained_scorer_drives_blockwise_cd_with_the_values_it_was_trained_on(base, fudge_trainer):
+    from iapo_jax.decoding.blockwise import blockwise_cd
+
+    trainer, _ = fudge_trainer
+    scorer = trainer.current_model()
+    prompts = [[72, 105, 33], [79, 107, 63, 33, 32]]
+    out = blockwise_cd(base, prompts, scorer, k=2, block_size=4, max_new_tokens=8, key=3)
+    # Re-score the decoded responses the way training scores rollouts.
+    width = 16  # the prompt bucket blockwise_cd used
+    ids = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts]).astype(np.int32)
+    mask = np.stack([np.arange(width) >= width - len(p) for p in prompts])
+    values = ps.prefix_values(scorer, jnp.asarray(ids), jnp.asarray(mask), out.tokens, out.lengths)
+    final = np.take_along_axis(np.asarray(values), np.asarray(out.lengths)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(out.scores), final, atol=1e-4)

@@ -14,7 +14,11 @@ import pytest
 from flax import nnx
 
 from iapo_jax.models import RewardModel, load_model, load_tokenizer
-from iapo_jax.rewards.head_checkpoints import HeadModelError, load_head_model, write_spec
+from iapo_jax.rewards.head_checkpoints import (
+    HeadModelError,
+    load_head_model,
+    write_spec,
+)
 from iapo_jax.rewards.preference_pairs import (
     Preference,
     load_pairs,
@@ -29,7 +33,13 @@ from iapo_jax.rewards.reward_model_training import (
     encode_preference_splits,
     last_token_features,
 )
-from iapo_jax.rewards.trainable import Finetune, head_of, make_optimizer, OptimizerConfig, project
+from iapo_jax.rewards.trainable import (
+    Finetune,
+    OptimizerConfig,
+    head_of,
+    make_optimizer,
+    project,
+)
 from iapo_jax.runtime.checkpointing import Checkpointer
 
 LETTERS = np.array(list("abcdefghijklmnop"))
@@ -173,6 +183,37 @@ def test_head_training_learns_a_known_preference(chat, vowel_data):
     assert after["loss"] < before["loss"] - 0.2
 
 
+def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
+    model, tok = chat
+    train, held_out = vowel_data
+    cfg = RewardTrainConfig(steps=3, batch_size=8, mode="head", learning_rate=1e-2, warmup_steps=1)
+    with Checkpointer(tmp_path / "checkpoints", handle_sigterm=False) as ckpt:
+        trainer = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
+                                     checkpointer=ckpt)
+        trainer.train()
+        ckpt.wait()
+        assert ckpt.all_steps() == [3]
+        fresh = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
+                                   checkpointer=ckpt)
+        assert fresh.restore() == 3
+    for a, b in zip(jax.tree.leaves((trainer.trainable, trainer.opt_state)),
+                    jax.tree.leaves((fresh.trainable, fresh.opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    write_spec(tmp_path, kind="reward", base=str(tiny_chat_llama_dir), finetune=cfg.finetune, step=3,
+               max_length=64)
+    reloaded = get_reward("reward_model", path=tmp_path, batch_size=4)
+    texts = (["Up?", "Hi"], ["abcde", "ponm"])
+    trained = JaxRewardModel(trainer.current_model(), tok, max_length=64, batch_size=4)
+    np.testing.assert_allclose(reloaded.score(*texts), trained.score(*texts), atol=1e-5)
+    assert np.ptp(trained.score(*texts)) > 0  # the head moved
+    with pytest.raises(HeadModelError, match="value"):
+        load_head_model(tmp_path, kind="value")
+    (tmp_path / "head_model.json").write_text(json.dumps({"kind": "reward"}))
+    with pytest.raises(HeadModelError, match="lacks"):
+        load_head_model(tmp_path)
+
+
+@pytest.mark.slow
 def test_lora_steps_checkpoint_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
     model, tok = chat
     train, held_out = vowel_data
@@ -199,7 +240,7 @@ def test_lora_steps_checkpoint_and_reload_as_a_reward(chat, vowel_data, tmp_path
     _, _, spec = load_head_model(tmp_path, kind="reward")
     assert spec["finetune"] == Finetune("lora", 2, 16.0).as_dict()
     reloaded = get_reward("reward_model", path=tmp_path, batch_size=4)
-    texts = (["q1", "q2"], ["abcde", "ponm"])
+    texts = (["Up?", "Hi"], ["abcde", "ponm"])
     trained = JaxRewardModel(trainer.current_model(), tok, max_length=64, batch_size=4)
     np.testing.assert_allclose(reloaded.score(*texts), trained.score(*texts), atol=1e-5)
     with pytest.raises(HeadModelError, match="value"):

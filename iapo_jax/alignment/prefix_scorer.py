@@ -35,7 +35,10 @@ from iapo_jax.alignment import losses
 from iapo_jax.alignment.prefix_rollouts import Rollouts, check_rollouts, response_mask
 from iapo_jax.decoding.loop import prompt_positions
 from iapo_jax.decoding.scorers import take_slots
-from iapo_jax.rewards.head_checkpoints import restore_training_state, save_training_state
+from iapo_jax.rewards.head_checkpoints import (
+    restore_training_state,
+    save_training_state,
+)
 from iapo_jax.rewards.reward_model_training import epoch_batches
 from iapo_jax.rewards.trainable import (
     Finetune,
@@ -259,7 +262,7 @@ def chunked(fn, arrays: tuple, batch_size: int):
         if real < batch_size:
             part = [np.concatenate([a, np.repeat(a[:1], batch_size - real, 0)]) for a in part]
         out = fn(*[jnp.asarray(a) for a in part])
-        outs.append(jax.tree.map(lambda x: x[:real], out))
+        outs.append(jax.tree.map(lambda x, real=real: x[:real], out))
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 

@@ -193,11 +193,18 @@ def run(cfg: TrainRMConfig) -> dict:
     import numpy as np
 
     from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import JobInputError, load_model_and_tokenizer, resolve_model_source
+    from iapo_jax.commands.job_inputs import (
+        JobInputError,
+        load_model_and_tokenizer,
+        resolve_model_source,
+    )
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
     from iapo_jax.rewards.preference_pairs import load_pairs, save_pairs
-    from iapo_jax.rewards.reward_model_training import RewardModelTrainer, encode_preference_splits
+    from iapo_jax.rewards.reward_model_training import (
+        RewardModelTrainer,
+        encode_preference_splits,
+    )
 
     check_config(cfg)
     with job_context("train-rm", cfg) as ctx:

@@ -151,7 +151,11 @@ def run(cfg: TrainScorerConfig) -> dict:
     import jax
     import numpy as np
 
-    from iapo_jax.alignment.prefix_rollouts import load_rollouts, sample_rollouts, save_rollouts
+    from iapo_jax.alignment.prefix_rollouts import (
+        load_rollouts,
+        sample_rollouts,
+        save_rollouts,
+    )
     from iapo_jax.alignment.prefix_scorer import PrefixScorerTrainer
     from iapo_jax.alignment.prefix_scorer_eval import blockwise_win_rate
     from iapo_jax.commands.common import job_context

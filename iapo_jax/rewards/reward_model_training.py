@@ -25,7 +25,10 @@ from flax import nnx, struct
 
 from iapo_jax.alignment import losses
 from iapo_jax.models.heads import last_token_index
-from iapo_jax.rewards.head_checkpoints import restore_training_state, save_training_state
+from iapo_jax.rewards.head_checkpoints import (
+    restore_training_state,
+    save_training_state,
+)
 from iapo_jax.rewards.preference_pairs import Preference
 from iapo_jax.rewards.reward_model import score_arrays, sequence_ids, width_for
 from iapo_jax.rewards.trainable import (
