@@ -35,6 +35,11 @@ from iapo_jax.alignment import losses
 from iapo_jax.alignment.prefix_rollouts import Rollouts, check_rollouts, response_mask
 from iapo_jax.decoding.loop import prompt_positions
 from iapo_jax.decoding.scorers import take_slots
+from iapo_jax.parallel.sharded_step import (
+    check_batch_divides,
+    compile_train_step,
+    shard_train_state,
+)
 from iapo_jax.rewards.head_checkpoints import (
     restore_training_state,
     save_training_state,
@@ -191,7 +196,7 @@ def scorer_loss(values, rewards, lengths, method: str, next_values=None, next_pr
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune: Finetune, method: str,
-                    on_features: bool = False) -> Callable:
+                    on_features: bool = False, mesh=None) -> Callable:
     """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch: a dict with 'prompt_ids', 'prompt_mask', 'tokens', 'lengths', 'rewards' and, for CD-Q,
@@ -234,7 +239,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
         metrics["grad_norm"] = optax.global_norm(grads)
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return compile_train_step(step, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -272,11 +277,16 @@ class PrefixScorerTrainer:
     reference: pi_ref (a Transformer), needed for CD-Q's next-token distribution. The model passed
     in is left untouched; `current_model()` returns the trained scorer, ready for
     ``decoding.blockwise_cd`` / ``decoding.token_cd``.
+    mesh: a ('data', 'fsdp', 'tensor') mesh to train on: weights and optimizer state sharded by
+    their logical names, each batch split over data x fsdp (batch_size must divide).
     """
 
     def __init__(self, cfg: ScorerTrainConfig, model, train: Rollouts, eval_data: Rollouts | None = None,
-                 *, reference=None, checkpointer=None, log: Callable[..., None] | None = None):
+                 *, reference=None, checkpointer=None, log: Callable[..., None] | None = None, mesh=None):
         self.cfg = cfg.validate()
+        if mesh is not None:  # before any compute
+            check_batch_divides(cfg.batch_size, mesh, "batch_size")
+        self.mesh = mesh
         if not hasattr(model, "values_cached"):
             raise TypeError(f"PrefixScorerTrainer needs a ValueModel, got {type(model).__name__}")
         if cfg.method == "cdq" and reference is None:
@@ -298,8 +308,9 @@ class PrefixScorerTrainer:
         self.opt_state = self.optimizer.init(self.trainable)
         self.on_features = self.finetune.mode == "head"
         self._step_fn = make_train_step(self.graphdef, self.optimizer, self.finetune, cfg.method,
-                                        self.on_features)
+                                        self.on_features, mesh)
         self._arrays = self._prepare(self.train_data)
+        self._place()
         self._eval_features: dict[int, tuple] = {}  # mode 'head': (data, frozen states) per data set
         self.step = 0
         self._saved_step = -1
@@ -330,6 +341,12 @@ class PrefixScorerTrainer:
         return arrays
 
     # -- state ----------------------------------------------------------------------------------
+    def _place(self) -> None:
+        """Shard the training state over the mesh (a no-op without one)."""
+        if self.mesh is not None:
+            self.trainable, self.frozen, self.opt_state = shard_train_state(
+                self.trainable, self.frozen, self.opt_state, self.mesh)
+
     def current_model(self):
         """The trained ValueModel (LoRA factors / head merged in)."""
         return nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
@@ -376,7 +393,7 @@ class PrefixScorerTrainer:
                                                        self.cfg.eval_batch_size)))
                     self._eval_features[id(data)] = cached
                 feats = cached[1]
-            return np.asarray(project(self.trainable, jnp.asarray(feats)))
+            return np.asarray(project(jax.device_get(self.trainable), jnp.asarray(feats)))
         g, s = nnx.split(self.current_model())
         fn = functools.partial(_values_jit, g, s)
         return np.asarray(chunked(fn, (data.prompt_ids, data.prompt_mask, data.tokens, data.lengths),
@@ -408,6 +425,7 @@ class PrefixScorerTrainer:
             raise ValueError("no checkpointer was given to the trainer")
         self.trainable, self.opt_state, self.step = restore_training_state(
             self.ckpt, self.trainable, self.opt_state, self.finetune, step)
+        self._place()
         return self.step
 
 

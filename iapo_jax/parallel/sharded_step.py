@@ -138,3 +138,10 @@ def sharded_train_step(step: Callable, mesh: Mesh, rules: Rules = DEFAULT_RULES,
     call.programs = programs
     call.mesh = mesh
     return call
+
+
+def compile_train_step(step: Callable, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Callable:
+    """``step`` jitted with trainable and optimizer state donated; sharded under ``mesh`` if given."""
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 2))
+    return sharded_train_step(step, mesh, rules)

@@ -25,6 +25,11 @@ from flax import nnx, struct
 
 from iapo_jax.alignment import losses
 from iapo_jax.models.heads import last_token_index
+from iapo_jax.parallel.sharded_step import (
+    check_batch_divides,
+    compile_train_step,
+    shard_train_state,
+)
 from iapo_jax.rewards.head_checkpoints import (
     restore_training_state,
     save_training_state,
@@ -145,7 +150,7 @@ def bt_scores_and_loss(chosen, rejected, gap, margin, margin_from_gap, center_co
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune: Finetune,
-                    center_coef: float = 0.0, on_features: bool = False) -> Callable:
+                    center_coef: float = 0.0, on_features: bool = False, mesh=None) -> Callable:
     """step(trainable, frozen, opt_state, batch, margin, margin_from_gap) -> (trainable, opt_state, metrics).
 
     batch: PairArrays, or with ``on_features`` a tuple (h_chosen [B, D], h_rejected [B, D], gap [B])
@@ -172,7 +177,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
         metrics["grad_norm"] = optax.global_norm(grads)
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return compile_train_step(step, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -213,11 +218,16 @@ class RewardModelTrainer:
     The model passed in is left untouched; `current_model()` returns the trained one.
     checkpointer: an ``iapo_jax.runtime.checkpointing.Checkpointer`` (saves every ``save_every``
     steps and at the end of ``train``); ``restore()`` resumes from it.
+    mesh: a ('data', 'fsdp', 'tensor') mesh to train on: weights and optimizer state sharded by
+    their logical names, each batch split over data x fsdp (batch_size must divide).
     """
 
     def __init__(self, cfg: RewardTrainConfig, model, train: PairArrays, eval_data: PairArrays | None = None,
-                 *, checkpointer=None, log: Callable[..., None] | None = None):
+                 *, checkpointer=None, log: Callable[..., None] | None = None, mesh=None):
         self.cfg = cfg.validate()
+        if mesh is not None:  # before any compute
+            check_batch_divides(cfg.batch_size, mesh, "batch_size")
+        self.mesh = mesh
         if not hasattr(model, "score"):
             raise TypeError(f"RewardModelTrainer needs a RewardModel, got {type(model).__name__}")
         if train.size < 1:
@@ -231,7 +241,8 @@ class RewardModelTrainer:
         self.opt_state = self.optimizer.init(self.trainable)
         self.on_features = self.finetune.mode == "head"
         self._step_fn = make_train_step(self.graphdef, self.optimizer, self.finetune, cfg.center_coef,
-                                        self.on_features)
+                                        self.on_features, mesh)
+        self._place()
         self._features: dict[int, tuple] = {}
         self._saved_step = -1
         if self.on_features:  # frozen backbone: its last-token states never change
@@ -241,6 +252,12 @@ class RewardModelTrainer:
         self.step = 0
 
     # -- state ----------------------------------------------------------------------------------
+    def _place(self) -> None:
+        """Shard the training state over the mesh (a no-op without one)."""
+        if self.mesh is not None:
+            self.trainable, self.frozen, self.opt_state = shard_train_state(
+                self.trainable, self.frozen, self.opt_state, self.mesh)
+
     def current_model(self):
         """The reward model with the trained weights merged in (an NNX module)."""
         return nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
@@ -298,7 +315,8 @@ class RewardModelTrainer:
         """(chosen scores [N], rejected scores [N]) under the current weights."""
         if self.on_features:
             feats = self._features.get(id(data)) or self._pair_features(data)
-            return np.asarray(project(self.trainable, feats[0])), np.asarray(project(self.trainable, feats[1]))
+            head = jax.device_get(self.trainable)  # a few hundred numbers; the features may sit elsewhere
+            return np.asarray(project(head, feats[0])), np.asarray(project(head, feats[1]))
         model, bs = self.current_model(), self.cfg.eval_batch_size
         return (score_arrays(model, np.asarray(data.chosen_ids), np.asarray(data.chosen_mask), bs),
                 score_arrays(model, np.asarray(data.rejected_ids), np.asarray(data.rejected_mask), bs))
@@ -330,4 +348,5 @@ class RewardModelTrainer:
             raise ValueError("no checkpointer was given to the trainer")
         self.trainable, self.opt_state, self.step = restore_training_state(
             self.ckpt, self.trainable, self.opt_state, self.finetune, step)
+        self._place()  # whatever mesh the checkpoint was saved from, train on this one
         return self.step
