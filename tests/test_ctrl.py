@@ -101,3 +101,43 @@ def test_unit_range_transform_is_an_increasing_affine_map_of_phi(name, t):
         a, b = np.polyfit(phi, scaled, 1)
         np.testing.assert_allclose(a * phi + b, scaled, atol=1e-5)
         assert a > 0
+
+
+def test_train_step_with_shared_prompt_rows_equals_repeated_prompts(tiny_llama_dir):
+    """The step runs each prompt once for its n responses: loss and gradients equal those of the same
+    rollout with the prompt repeated per response (float32 rounding)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from iapo_jax.alignment.ctrl_step import RolloutBatch, StepOptions, make_train_step
+
+    model = iapo_jax.load_model(tiny_llama_dir)
+    graphdef, state = nnx.split(model)
+    keep = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda u, s, p=None: (u, u))
+    step = make_train_step(graphdef, keep, StepOptions(kl_in_loss=True, use_clip=True))
+    rng = np.random.default_rng(0)
+    prompts, n, plen, rlen = 3, 4, 10, 7
+    lens = rng.integers(4, plen + 1, prompts)
+    mask = np.arange(plen)[None] >= (plen - lens)[:, None]
+    ids = np.where(mask, rng.integers(3, 256, (prompts, plen)), 0).astype(np.int32)
+    rows = prompts * n
+    common = dict(tokens=jnp.asarray(rng.integers(3, 256, (rows, rlen)), jnp.int32),
+                  lengths=jnp.asarray(rng.integers(1, rlen + 1, rows), jnp.int32),
+                  advantages=jnp.asarray(rng.normal(size=rows), jnp.float32),
+                  old_logp=jnp.asarray(rng.normal(-5.5, 0.3, (rows, rlen)), jnp.float32),
+                  ref_logp=jnp.asarray(rng.normal(-5.5, 0.3, (rows, rlen)), jnp.float32))
+    shared = RolloutBatch(prompt_ids=jnp.asarray(ids), prompt_mask=jnp.asarray(mask), **common)
+    repeated = RolloutBatch(prompt_ids=jnp.repeat(shared.prompt_ids, n, 0),
+                            prompt_mask=jnp.repeat(shared.prompt_mask, n, 0), **common)
+    results = []
+    for batch in (shared, repeated):
+        trainable = jax.tree.map(jnp.copy, state)
+        _, grads, metrics = step(trainable, None, keep.init(trainable), batch, jnp.float32(0.1), jnp.float32(0.2))
+        results.append((jax.tree.leaves(grads), metrics))
+    (g_shared, m_shared), (g_rep, m_rep) = results
+    for name in ("loss", "kl_loss_estimate", "entropy", "grad_norm"):
+        np.testing.assert_allclose(float(m_shared[name]), float(m_rep[name]), rtol=1e-5, err_msg=name)
+    for a, b in zip(g_shared, g_rep):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.max(np.abs(b))) + 1e-9)

@@ -123,6 +123,28 @@ def test_sharded_batch_equals_unsharded(llama):
     assert ds.tokens.shape[0] == 24 and len(ds.tokens.sharding.device_set) == 8
 
 
+@pytest.mark.slow
+def test_tensor_parallel_decoding_shards_weights_and_cache(llama):
+    """data=4 x tensor=2: the same samples as one device, with the KV cache split by heads over
+    'tensor' (2 KV heads) and the MLP weights split too, so no device holds a full copy."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 1, 2), ("data", "fsdp", "tensor"))
+    plain = sample(llama, PROMPTS, max_new_tokens=12, n=2, key=7, temperature=0.9)
+    sharded = sample(llama, PROMPTS, max_new_tokens=12, n=2, key=7, temperature=0.9, mesh=mesh)
+    np.testing.assert_array_equal(plain.tokens, sharded.tokens)
+    np.testing.assert_allclose(plain.logprobs, sharded.logprobs, atol=1e-5)
+    batch = prepare(llama, PROMPTS, max_new_tokens=12, mesh=mesh)
+    graphdef, state = split_model(llama, mesh)
+    assert "tensor" in tuple(state["layers"]["up"][...].sharding.spec)
+    ds, _ = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules, response_len=batch.response_len,
+                      n=2, mesh=mesh, data_axis="data")
+    spec = tuple(ds.cache.k.sharding.spec) + (None,) * 5
+    assert spec[1] == "data" and spec[3] == "tensor", spec
+    k_shard = ds.cache.k.addressable_shards[0].data.shape
+    assert k_shard[1] * 4 == ds.cache.k.shape[1] and k_shard[3] * 2 == ds.cache.k.shape[3]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -163,3 +185,17 @@ def test_smollm2_chat_generate_answers_paris(smollm2_gguf):
     assert out.tokens.shape == (2, 16)
     with pytest.raises(ValueError, match="unknown stop token"):
         sampler.sample(["Hi"], max_new_tokens=4, stop_tokens=["<|not-a-token|>"])
+
+
+def test_reference_logprobs_of_n_samples_share_the_prompt_and_match_transformers(llama, hf_llama):
+    """n = 3 responses per prompt scored against one prompt pass: each equals transformers' log-softmax
+    on the full [prompt, response] sequence."""
+    out = sample(llama, PROMPTS, max_new_tokens=20, n=3, key=11, temperature=0.7, ref_model=llama)
+    for row in range(3 * len(PROMPTS)):
+        p, n = PROMPTS[row // 3], int(out.lengths[row])
+        seq = p + np.asarray(out.tokens)[row, :n].tolist()
+        with torch.no_grad():
+            logits = hf_llama(torch.tensor([seq])).logits[0].log_softmax(-1).numpy()
+        want = logits[np.arange(len(p) - 1, len(seq) - 1), seq[len(p):]]
+        np.testing.assert_allclose(np.asarray(out.ref_logprobs)[row, :n], want, atol=1e-4)
+        assert not np.asarray(out.ref_logprobs)[row, n:].any()

@@ -31,7 +31,7 @@ from iapo_jax.alignment.ctrl_step import (
 )
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.sampler import sample_batch
-from iapo_jax.parallel.sharded_step import check_batch_divides, shard_train_state
+from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
 from iapo_jax.rewards.calibration import ReferencePool
 from iapo_jax.rewards.transforms import get_transform
 
@@ -227,9 +227,13 @@ class CTRLTrainer:
             cfg.kl_in_loss, cfg.advantage,
         )
         real = batch.real_rows  # rows a mesh padded the prompts with are not part of the rollout
+        # One prompt row per prompt (its n responses share the prompt's forward pass in the step),
+        # unless the prompts alone would not split evenly over the mesh's data axes.
+        share = self.mesh is None or real % data_parallel_size(self.mesh) == 0
+        rep = (lambda x: x) if share else (lambda x: jnp.repeat(x, n, axis=0))  # noqa: E731
         rollout = RolloutBatch(
-            prompt_ids=jnp.repeat(batch.ids[:real], n, axis=0),
-            prompt_mask=jnp.repeat(batch.mask[:real], n, axis=0),
+            prompt_ids=rep(batch.ids[:real]),
+            prompt_mask=rep(batch.mask[:real]),
             tokens=out.tokens, lengths=lengths, advantages=adv,
             old_logp=out.raw_logprobs, ref_logp=out.ref_logprobs,
         )

@@ -18,13 +18,15 @@ from flax import nnx, struct
 
 from iapo_jax.alignment import lora, losses
 from iapo_jax.decoding.reference import response_logprobs
-from iapo_jax.parallel.sharded_step import sharded_train_step
+from iapo_jax.parallel.sharded_step import compile_train_step
 
 
 @struct.dataclass
 class RolloutBatch:
-    prompt_ids: jax.Array  # [B, Tp] left-padded
-    prompt_mask: jax.Array  # [B, Tp] bool
+    # [B, Tp] left-padded, one row per response; or [B / n, Tp], one row per prompt whose n
+    # responses sit in consecutive rows (the prompt then runs once for all of them).
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array  # like prompt_ids, bool
     tokens: jax.Array  # [B, R] sampled response tokens
     lengths: jax.Array  # [B] response lengths, stop token included
     advantages: jax.Array  # [B]
@@ -87,9 +89,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
         metrics["grad_norm"] = optax.global_norm(grads)
         return trainable, opt_state, metrics
 
-    if mesh is not None:
-        return sharded_train_step(step, mesh)
-    return jax.jit(step, donate_argnums=(0, 2))
+    return compile_train_step(step, mesh)
 
 
 def sequence_rewards_to_advantages(rewards, logp, ref_logp, mask, beta, samples_per_prompt,

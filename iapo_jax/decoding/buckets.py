@@ -11,7 +11,7 @@ from typing import Sequence
 # Steps of about 1.5x: attention reads every cache slot each step, so padding costs time, while
 # every extra bucket costs one compile.
 PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-RESPONSE_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+RESPONSE_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def bucket_for(length: int, buckets: Sequence[int] = PROMPT_BUCKETS, what: str = "prompt") -> int:

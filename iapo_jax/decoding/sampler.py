@@ -15,7 +15,6 @@ import functools
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
@@ -24,7 +23,7 @@ from iapo_jax.decoding.filters import DEFAULT_CAP
 from iapo_jax.decoding.inputs import Batch, prepare
 from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice, start
 from iapo_jax.decoding.reference import response_logprobs
-from iapo_jax.decoding.sharding import constrain_rows, replicate
+from iapo_jax.decoding.sharding import constrain_rows, place_params
 
 
 @struct.dataclass
@@ -62,18 +61,16 @@ def decode_jit(graphdef, state, dstate, rules: DecodeRules, until, *, cap: int =
     return decode(model, dstate, rules, until, plain_choice(cap))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
-def ref_logprobs_jit(graphdef, state, ids, mask, tokens, lengths, *, n: int = 1):
-    model = nnx.merge(graphdef, state)
-    if n > 1:
-        ids, mask = jnp.repeat(ids, n, axis=0), jnp.repeat(mask, n, axis=0)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def ref_logprobs_jit(graphdef, state, ids, mask, tokens, lengths):
+    model = nnx.merge(graphdef, state)  # each prompt runs once; its n responses share the cache
     return response_logprobs(model, ids, mask, tokens, lengths)
 
 
 def split_model(model, mesh=None):
-    """(graphdef, state) of an NNX model, the state replicated over `mesh` when one is given."""
+    """(graphdef, state) of an NNX model, the state placed on `mesh` by the logical rules."""
     graphdef, state = nnx.split(model)
-    return graphdef, (replicate(state, mesh) if mesh is not None else state)
+    return graphdef, (place_params(state, mesh) if mesh is not None else state)
 
 
 def decode_texts(tokenizer, tokens, lengths) -> tuple[str, ...]:
@@ -106,12 +103,12 @@ def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, 
     ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
                           response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
     ds = decode_jit(graphdef, state, ds, rules, batch.response_len, cap=cap)
-    ref_lp = None
-    if ref_model is not None:
-        rgraph, rstate = split_model(ref_model, mesh)
-        ref_lp = ref_logprobs_jit(rgraph, rstate, batch.ids, batch.mask, ds.tokens, ds.lengths, n=n)
     rows = batch.real_rows * n
     cols = batch.max_new_tokens if trim_output else None
+    ref_lp = None
+    if ref_model is not None:  # the whole response bucket: a new max_new_tokens must not recompile
+        rgraph, rstate = split_model(ref_model, mesh)
+        ref_lp = ref_logprobs_jit(rgraph, rstate, batch.ids, batch.mask, ds.tokens, ds.lengths)
     out = SampleOutput(tokens=trim(ds.tokens, rows, cols), lengths=trim(ds.lengths, rows),
                        logprobs=trim(ds.logprobs, rows, cols),
                        raw_logprobs=trim(ds.raw_logprobs, rows, cols),

@@ -1,7 +1,10 @@
-"""Batch (data-parallel) placement for decoding: rows split over one mesh axis, weights replicated.
+"""Placement for decoding: rows split over one mesh axis, weights and KV cache by the mesh rules.
 
-Model sharding over further axes belongs to `iapo_jax.parallel`; this module only needs a Mesh with
-an axis for the batch.
+Rows (prompts x branches) go over `data_axis`. Weights follow `iapo_jax.parallel.mesh`'s logical
+rules (vocab / mlp / heads over 'tensor', embed over 'fsdp'), and the KV cache keeps its KV heads
+split over 'tensor' (`iapo_jax.parallel.cache_sharding`), so a tensor-parallel mesh never holds a
+full copy of either. A mesh may have any subset of the axes ('data' alone is the common case for
+decoding); rules naming an absent axis are dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iapo_jax.models.kv_cache import KVCache
+from iapo_jax.parallel.cache_sharding import constrain_cache
+from iapo_jax.parallel.mesh import DEFAULT_RULES, shard_params
+
+
+def rules_for(mesh):
+    """DEFAULT_RULES restricted to the axes `mesh` has (a missing axis means size 1)."""
+    present = set(mesh.axis_names)
+
+    def keep(axes):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in axes if a in present)
+        return kept or None
+
+    return tuple((name, keep(axes)) for name, axes in DEFAULT_RULES)
 
 
 def data_size(mesh, axis: str) -> int:
@@ -33,21 +50,19 @@ def put_rows(tree, mesh, axis: str):
     return jax.device_put(tree, NamedSharding(mesh, P(axis)))
 
 
-def replicate(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+def place_params(state, mesh):
+    """An NNX model state placed by the logical rules (replicated on a data-only mesh)."""
+    return shard_params(state, mesh, rules_for(mesh))
 
 
 def constrain_rows(tree, mesh, axis: str):
-    """Inside jit: keep row-indexed arrays split over `axis` (a KV cache's rows are its axis 1)."""
+    """Inside jit: keep row-indexed arrays split over `axis`; a KV cache also over 'tensor' by heads."""
     if mesh is None:
         return tree
 
     def one(x):
         if isinstance(x, KVCache):
-            kv = NamedSharding(mesh, P(None, axis))
-            return x.replace(k=jax.lax.with_sharding_constraint(x.k, kv),
-                             v=jax.lax.with_sharding_constraint(x.v, kv),
-                             valid=jax.lax.with_sharding_constraint(x.valid, NamedSharding(mesh, P(axis))))
+            return constrain_cache(x, mesh, rules_for(mesh), batch_axes=(axis,))
         if getattr(x, "ndim", 0) >= 1 and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axis)))
         return x

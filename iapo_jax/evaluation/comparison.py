@@ -104,6 +104,14 @@ class CompareConfig:
         )
 
 
+MAX_ROWS_PER_CALL = 128  # rows decoded together: wide matmuls are faster per token on CPU
+
+
+def samples_per_call(m: int, prompts: int, max_rows: int = MAX_ROWS_PER_CALL) -> int:
+    """The largest divisor of m whose calls decode at most max_rows rows (at least 1 sample)."""
+    return max(d for d in range(1, m + 1) if m % d == 0 and (d * prompts <= max_rows or d == 1))
+
+
 def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key) -> dict:
     """Win rates of fresh policy samples against the reference pool, and the sample KL."""
     from iapo_jax.decoding.sampler import sample
@@ -113,7 +121,7 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     import jax
 
     prompts = list(eval_pool.prompts)
-    per = cfg.samples_per_prompt
+    per = samples_per_call(cfg.eval_samples, len(prompts))
     scores, logp, ref_logp, masks = [], [], [], []
     for r in range(cfg.eval_samples // per):
         out = sample(policy, prompts, max_new_tokens=cfg.max_new_tokens, n=per,
@@ -209,15 +217,16 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) 
     with ctx.timer("load"):
         reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
         tokenizer = iapo_jax.load_tokenizer(cfg.model)
-    per = cfg.samples_per_prompt
     with ctx.timer("calibrate"):
         log(f"calibrate: {cfg.pool_size} reference samples x {len(train)} training prompts")
         pool = sample_reference_pool(reference, tokenizer, reward, train, m=cfg.pool_size,
                                      max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(key, 1),
-                                     per_call=per, progress=lambda it: ctx.progress(it, desc="calibrate"))
+                                     per_call=samples_per_call(cfg.pool_size, len(train)),
+                                     progress=lambda it: ctx.progress(it, desc="calibrate"))
         eval_pool = sample_reference_pool(reference, tokenizer, reward, held_out, m=cfg.eval_samples,
                                           max_new_tokens=cfg.max_new_tokens,
-                                          key=jax.random.fold_in(key, 2), per_call=per,
+                                          key=jax.random.fold_in(key, 2),
+                                          per_call=samples_per_call(cfg.eval_samples, len(held_out)),
                                           progress=lambda it: ctx.progress(it, desc="reference eval"))
         pool.save(ctx.run_dir / "pool_train")
         eval_pool.save(ctx.run_dir / "pool_eval")
