@@ -183,22 +183,28 @@ def test_head_training_learns_a_known_preference(chat, vowel_data):
     assert after["loss"] < before["loss"] - 0.2
 
 
-def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
-    model, tok = chat
-    train, held_out = vowel_data
-    cfg = RewardTrainConfig(steps=3, batch_size=8, mode="head", learning_rate=1e-2, warmup_steps=1)
-    with Checkpointer(tmp_path / "checkpoints", handle_sigterm=False) as ckpt:
+def _train_save_and_restore(cfg, model, data, ckpt_dir):
+    """Train cfg.steps steps with a checkpointer; a fresh trainer must restore exactly that state."""
+    train, held_out = data
+    with Checkpointer(ckpt_dir, handle_sigterm=False) as ckpt:
         trainer = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
                                      checkpointer=ckpt)
-        trainer.train()
+        history = trainer.train()
         ckpt.wait()
-        assert ckpt.all_steps() == [3]
+        assert ckpt.all_steps() == [cfg.steps]
         fresh = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
                                    checkpointer=ckpt)
-        assert fresh.restore() == 3
+        assert fresh.restore() == cfg.steps
     for a, b in zip(jax.tree.leaves((trainer.trainable, trainer.opt_state)),
                     jax.tree.leaves((fresh.trainable, fresh.opt_state)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return trainer, history
+
+
+def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
+    model, tok = chat
+    cfg = RewardTrainConfig(steps=3, batch_size=8, mode="head", learning_rate=1e-2, warmup_steps=1)
+    trainer, _ = _train_save_and_restore(cfg, model, vowel_data, tmp_path / "checkpoints")
     write_spec(tmp_path, kind="reward", base=str(tiny_chat_llama_dir), finetune=cfg.finetune, step=3,
                max_length=64)
     reloaded = get_reward("reward_model", path=tmp_path, batch_size=4)
@@ -216,24 +222,11 @@ def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path
 @pytest.mark.slow
 def test_lora_steps_checkpoint_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
     model, tok = chat
-    train, held_out = vowel_data
     cfg = RewardTrainConfig(steps=3, batch_size=8, mode="lora", lora_rank=2, learning_rate=1e-2,
                             warmup_steps=1)
-    ckpt_dir = tmp_path / "checkpoints"
-    with Checkpointer(ckpt_dir, handle_sigterm=False) as ckpt:
-        trainer = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
-                                     checkpointer=ckpt)
-        history = trainer.train()
-        assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
-        ckpt.wait()
-        assert ckpt.all_steps() == [3]
-        # A fresh trainer restores the same LoRA factors, head and optimizer state.
-        fresh = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
-                                   checkpointer=ckpt)
-        assert fresh.restore() == 3
-    for a, b in zip(jax.tree.leaves((trainer.trainable, trainer.opt_state)),
-                    jax.tree.leaves((fresh.trainable, fresh.opt_state)), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A fresh trainer restores the same LoRA factors, head and optimizer state.
+    trainer, history = _train_save_and_restore(cfg, model, vowel_data, tmp_path / "checkpoints")
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
     assert float(jnp.abs(trainer.trainable["lora"]["backbone/layers/q"][1]).sum()) > 0  # B moved
     write_spec(tmp_path, kind="reward", base=str(tiny_chat_llama_dir), finetune=cfg.finetune, step=3,
                max_length=64)
@@ -280,7 +273,9 @@ def test_train_rm_rejects_bad_options_before_loading_anything():
 
     for bad, match in ((dict(samples_per_prompt=1), "samples-per-prompt"), (dict(pairs="file"), "pairs-file"),
                        (dict(pairs="hh-rlhf"), "hh-rlhf-dir"), (dict(mode="lora", lora_rank=0), "lora_rank"),
-                       (dict(steps=0), "steps"), (dict(max_length=4), "max-length")):
+                       (dict(steps=0), "steps"), (dict(max_length=4), "max-length"),
+                       (dict(data=2, fsdp=2, batch_size=6), r"--batch-size 6 does not divide over --data 2 x --fsdp 2"),
+                       (dict(tensor=0), "--tensor must be a positive")):
         with pytest.raises(JobInputError, match=match):
             check_config(TrainRMConfig(**bad))
 
@@ -293,8 +288,9 @@ def test_train_rm_job_samples_pairs_trains_and_saves_a_usable_reward(tiny_chat_l
 
     cfg = TrainRMConfig(model=str(tiny_chat_llama_dir), scorer="length", num_prompts=6, eval_prompts=4,
                         samples_per_prompt=3, max_new_tokens=12, pairing="all", steps=5, batch_size=4,
-                        mode="head", eval_every=0, batch_prompts=4)
+                        mode="head", eval_every=0, batch_prompts=4, data=2, fsdp=2, tensor=2)
     ctx = run_job(load_job("train-rm"), cfg, run_dir=tmp_path / "rm")
+    assert ctx.record.data["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}  # trained sharded
     metrics = ctx.record.data["metrics"]
     assert metrics["train_pairs"] > 0 and metrics["eval_pairs"] > 0 and metrics["steps"] == 5
     assert 0 <= metrics["eval_pairwise_accuracy"] <= 1 and ctx.record.data["checkpoints"] == [5]

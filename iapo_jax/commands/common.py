@@ -187,6 +187,16 @@ class JobContext:
     def set_mesh(self, mesh: Any) -> None:
         self.record.set_mesh(mesh)
 
+    def mesh(self, flags: Any) -> Any:
+        """The mesh of a config's --data/--fsdp/--tensor (recorded), or None for 1/1/1 (unsharded)."""
+        if (flags.data, flags.fsdp, flags.tensor) == (1, 1, 1):
+            return None
+        from iapo_jax.parallel.mesh import make_mesh
+
+        mesh = make_mesh(flags.data, flags.fsdp, flags.tensor)
+        self.set_mesh(mesh)
+        return mesh
+
     def add_data(self, name: str, data: Any = None, *, path: str | os.PathLike | None = None,
                  **details: Any) -> str:
         """Fingerprint in-memory ``data`` (prompts, arrays, ...) or a file/folder ``path``."""

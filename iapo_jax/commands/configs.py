@@ -22,6 +22,18 @@ class ConfigError(IapoError, ValueError):
     """A config file or recorded config does not fit the job's options."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshFlags:
+    """Device-mesh options shared by the training jobs (see docs/scale_out.md)."""
+
+    data: int = 1
+    """Mesh 'data' axis size (-1: all devices left over). 1 with fsdp=tensor=1 runs unsharded."""
+    fsdp: int = 1
+    """Mesh 'fsdp' axis size (parameters and optimizer state sharded over it)."""
+    tensor: int = 1
+    """Mesh 'tensor' axis size (heads and MLP width sharded over it)."""
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; ConfigError for a missing file, bad YAML or a non-mapping document."""
     import yaml

@@ -11,10 +11,11 @@ import dataclasses
 import sys
 
 from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.commands.configs import MeshFlags
 
 
 @dataclasses.dataclass(frozen=True)
-class CtrlJobConfig(CTRLConfig):
+class CtrlJobConfig(CTRLConfig, MeshFlags):
     """CTRL training: the CTRLConfig fields plus the model, reward, data and checkpoint settings."""
 
     model: str = "smollm2-135m-instruct"
@@ -35,12 +36,6 @@ class CtrlJobConfig(CTRLConfig):
     """Checkpoint every k steps (and at the end, and on SIGTERM)."""
     keep_last: int = 2
     """Checkpoints to keep."""
-    data: int = 1
-    """Mesh 'data' axis size (-1: all devices left over). 1 with fsdp=tensor=1 runs unsharded."""
-    fsdp: int = 1
-    """Mesh 'fsdp' axis size (parameters and optimizer state sharded over it)."""
-    tensor: int = 1
-    """Mesh 'tensor' axis size (heads and MLP width sharded over it)."""
 
 
 def run(cfg: CtrlJobConfig) -> dict:
@@ -58,12 +53,7 @@ def run(cfg: CtrlJobConfig) -> dict:
     reward = get_reward(cfg.reward)
     pool = ReferencePool.load(cfg.pool_dir) if cfg.pool_dir else None
     with job_context("ctrl", cfg) as ctx:
-        mesh = None
-        if (cfg.data, cfg.fsdp, cfg.tensor) != (1, 1, 1):
-            from iapo_jax.parallel.mesh import make_mesh
-
-            mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
-            ctx.set_mesh(mesh)
+        mesh = ctx.mesh(cfg)
         reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
         tokenizer = iapo_jax.load_tokenizer(cfg.model)
         if pool is None and cfg.transform != "raw":

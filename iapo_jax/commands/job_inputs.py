@@ -110,6 +110,17 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def check_mesh_batch(cfg: Any, batch: int, what: str = "--batch-size") -> None:
+    """A training batch must split evenly over --data x --fsdp (checked before any compute)."""
+    for name in ("data", "fsdp", "tensor"):
+        value = getattr(cfg, name)
+        if value == 0 or value < -1:
+            raise JobInputError(f"--{name} must be a positive device count or -1 (all left over), got {value}")
+    if cfg.data > 0 and batch % (cfg.data * cfg.fsdp):
+        raise JobInputError(f"{what} {batch} does not divide over --data {cfg.data} x --fsdp {cfg.fsdp} = "
+                            f"{cfg.data * cfg.fsdp} data-parallel shards; use a multiple of {cfg.data * cfg.fsdp}")
+
+
 def check_sampling(cfg: Any) -> None:
     """Common sampling options of a job config (fields it lacks are skipped)."""
     def positive_int(name: str) -> None:

@@ -23,12 +23,14 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from iapo_jax.commands.configs import MeshFlags
+
 TRAIN_PAIRS, EVAL_PAIRS = "pairs_train.jsonl", "pairs_eval.jsonl"
 REPRODUCE_IGNORE = ("*per_s", "*seconds")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainRMConfig:
+class TrainRMConfig(MeshFlags):
     """Train a Bradley-Terry reward model (on the base model's backbone) on preference pairs."""
 
     model: str = "smollm2-135m-instruct"
@@ -109,9 +111,10 @@ class TrainRMConfig:
 
 
 def check_config(cfg: TrainRMConfig) -> None:
-    from iapo_jax.commands.job_inputs import JobInputError, check_sampling
+    from iapo_jax.commands.job_inputs import JobInputError, check_mesh_batch, check_sampling
 
     check_sampling(cfg)
+    check_mesh_batch(cfg, cfg.batch_size)
     if cfg.pairs == "sampled" and cfg.samples_per_prompt < 2:
         raise JobInputError(f"--samples-per-prompt must be at least 2 to make pairs, got {cfg.samples_per_prompt}")
     if cfg.pairs == "sampled" and (cfg.num_prompts < 1 or cfg.eval_prompts < 1):
@@ -240,7 +243,7 @@ def run(cfg: TrainRMConfig) -> dict:
         ckpt = ctx.checkpointer(keep_last=2)
         with ctx.timer("prepare"):
             trainer = RewardModelTrainer(train_config(cfg), model, train_arr, eval_arr, checkpointer=ckpt,
-                                         log=ctx.log)
+                                         log=ctx.log, mesh=ctx.mesh(cfg))
         if ctx.resume:
             trainer.restore()
         before = trainer.evaluate()

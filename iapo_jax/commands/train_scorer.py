@@ -21,12 +21,14 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from iapo_jax.commands.configs import MeshFlags
+
 TRAIN_ROLLOUTS, EVAL_ROLLOUTS = "rollouts_train.npz", "rollouts_eval.npz"
 REPRODUCE_IGNORE = ("*per_s", "*seconds")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainScorerConfig:
+class TrainScorerConfig(MeshFlags):
     """Train a CD-FUDGE / CD-Q prefix scorer on pi_ref rollouts and evaluate blockwise CD with it."""
 
     model: str = "smollm2-135m-instruct"
@@ -105,9 +107,10 @@ class TrainScorerConfig:
 
 
 def check_config(cfg: TrainScorerConfig) -> None:
-    from iapo_jax.commands.job_inputs import JobInputError, check_sampling
+    from iapo_jax.commands.job_inputs import JobInputError, check_mesh_batch, check_sampling
 
     check_sampling(cfg)
+    check_mesh_batch(cfg, cfg.batch_size)
     for name in ("num_prompts", "samples_per_prompt", "eval_prompts", "eval_samples", "cd_k",
                  "cd_samples", "reference_samples"):
         if getattr(cfg, name) < 1:
@@ -205,7 +208,7 @@ def run(cfg: TrainScorerConfig) -> dict:
         ckpt = ctx.checkpointer(keep_last=2)
         with ctx.timer("prepare"):
             trainer = PrefixScorerTrainer(train_config(cfg), scorer, train, held_out, reference=base,
-                                          checkpointer=ckpt, log=ctx.log)
+                                          checkpointer=ckpt, log=ctx.log, mesh=ctx.mesh(cfg))
         if ctx.resume:
             trainer.restore()
         before = trainer.evaluate(edges=cfg.bucket_edges)
