@@ -229,11 +229,12 @@ class CTRLTrainer:
         real = batch.real_rows  # rows a mesh padded the prompts with are not part of the rollout
         # One prompt row per prompt (its n responses share the prompt's forward pass in the step),
         # unless the prompts alone would not split evenly over the mesh's data axes.
-        share = self.mesh is None or real % data_parallel_size(self.mesh) == 0
-        rep = (lambda x: x) if share else (lambda x: jnp.repeat(x, n, axis=0))  # noqa: E731
+        prompt_ids, prompt_mask = batch.ids[:real], batch.mask[:real]
+        if self.mesh is not None and real % data_parallel_size(self.mesh):
+            prompt_ids, prompt_mask = jnp.repeat(prompt_ids, n, axis=0), jnp.repeat(prompt_mask, n, axis=0)
         rollout = RolloutBatch(
-            prompt_ids=rep(batch.ids[:real]),
-            prompt_mask=rep(batch.mask[:real]),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
             tokens=out.tokens, lengths=lengths, advantages=adv,
             old_logp=out.raw_logprobs, ref_logp=out.ref_logprobs,
         )
