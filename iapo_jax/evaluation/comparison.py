@@ -68,6 +68,11 @@ class CompareConfig:
     target_kl: float | None = 1.0
     """Per-sequence KL target shared by all methods (matched-KL comparison); None = fixed beta."""
     kl_controller_gain: float = 0.5
+    betas: tuple[float, ...] = ()
+    """Beta sweep: train every method once per beta, beta held fixed (win rate vs KL curves)."""
+    sweep_kls: tuple[float, ...] = ()
+    """Beta sweep by KL: each method gets, per value, the beta whose KL-optimal policy has that KL
+    for its own transform (the analytic tool), held fixed. Exclusive with betas."""
     t: float | None = None
     """CTRL transform parameter; unset = the analytic tool's best t for (procedure, N, target_kl)."""
     lora_rank: int = 0
@@ -89,15 +94,28 @@ class CompareConfig:
         if self.eval_samples % self.samples_per_prompt or self.pool_size % self.samples_per_prompt:
             raise ValueError("pool_size and eval_samples must be multiples of samples_per_prompt "
                              "(sampling reuses one compiled program)")
+        if self.betas and self.sweep_kls:
+            raise ValueError("set either betas or sweep_kls for a beta sweep, not both")
+        for name in ("betas", "sweep_kls"):
+            bad = [v for v in getattr(self, name) if not v > 0]
+            if bad:
+                raise ValueError(f"every {name} value must be positive (got {bad[0]}); e.g. 0.25 0.5 1.0")
         self.ctrl_config("ctrl" if "ctrl" in self.methods else self.methods[0]).validate()
         return self
 
-    def ctrl_config(self, method: str) -> CTRLConfig:
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.betas or self.sweep_kls)
+
+    def ctrl_config(self, method: str, beta: float | None = None, t: float | None = None) -> CTRLConfig:
+        """The method's trainer settings; a given beta (a sweep point) is held fixed."""
         bon, won = METHODS[method]
+        fixed = beta is not None
         return CTRLConfig(
-            transform=bon if self.procedure == "bon" else won, t=self.t if method == "ctrl" else None,
-            procedure=self.procedure, deploy_n=self.deploy_n, beta=self.beta,
-            target_kl=self.target_kl, kl_controller_gain=self.kl_controller_gain,
+            transform=bon if self.procedure == "bon" else won,
+            t=(t if t is not None else self.t) if method == "ctrl" else None,
+            procedure=self.procedure, deploy_n=self.deploy_n, beta=beta if fixed else self.beta,
+            target_kl=None if fixed else self.target_kl, kl_controller_gain=self.kl_controller_gain,
             samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
             steps=self.steps, learning_rate=self.learning_rate, lora_rank=self.lora_rank,
             max_new_tokens=self.max_new_tokens, seed=self.seed,
@@ -142,14 +160,17 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     return result
 
 
-def predicted_win_rate(method: str, cfg: CompareConfig, kl: float) -> float | None:
-    """The analytic tool's W^T for the method's transform at the measured KL (None for raw)."""
+def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | None = None) -> float | None:
+    """The analytic tool's W^T for the method's transform at the measured KL (None for raw).
+
+    t: CTRL's transform parameter; unset = cfg.t, or the best t at this KL when that is unset too.
+    """
     from iapo_jax.theory.analysis import analyse
 
     transform = cfg.ctrl_config(method).transform
     if transform == "raw" or not (kl > 1e-4):
         return None
-    t = cfg.t if method == "ctrl" else None
+    t = (t if t is not None else cfg.t) if method == "ctrl" else None
     try:
         return float(analyse(cfg.procedure, cfg.deploy_n, transform, kl=kl, t=t).win_rate)
     except (ValueError, ArithmeticError):
@@ -232,26 +253,41 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) 
         eval_pool.save(ctx.run_dir / "pool_eval")
         ctx.add_data("pool_train", pool.fingerprint())
         ctx.add_data("pool_eval", eval_pool.fingerprint())
-    rows: dict[str, dict] = {}
-    reference_row = evaluate_reference(eval_pool, cfg)
-    rows["reference"] = reference_row
-    for method in cfg.methods:
-        mcfg = cfg.ctrl_config(method)
-        with ctx.timer(f"train_{method}"):
+    rows: dict[str, dict] = {"reference": evaluate_reference(eval_pool, cfg)}
+    if cfg.is_sweep:
+        from iapo_jax.evaluation.kl_sweep import sweep_points
+
+        runs = [(p.name, cfg.ctrl_config(p.method, beta=p.beta, t=p.t), p) for p in sweep_points(cfg)]
+    else:
+        runs = [(m, cfg.ctrl_config(m), None) for m in cfg.methods]
+    for name, mcfg, point in runs:
+        method = point.method if point else name
+        with ctx.timer(f"train_{name}"):
             policy = nnx.clone(reference)
             trainer = CTRLTrainer(mcfg, policy, reference, tokenizer, reward, pool, train)
-            log(f"train {method}: transform {mcfg.transform}"
-                + (f" (t = {trainer.t:.3g})" if trainer.t else "") + f", {mcfg.steps} steps")
-            for _ in ctx.progress(range(mcfg.steps), desc=f"train {method}"):
+            log(f"train {name}: transform {mcfg.transform}"
+                + (f" (t = {trainer.t:.3g})" if trainer.t else "") + f", beta {mcfg.beta:.3g}"
+                + (" fixed" if mcfg.target_kl is None else f" adapted to KL {mcfg.target_kl}")
+                + f", {mcfg.steps} steps")
+            for _ in ctx.progress(range(mcfg.steps), desc=f"train {name}"):
                 res = trainer.train_step()
-                ctx.log(trainer.step, **{f"{method}/{k}": v for k, v in res.metrics.items()})
-        with ctx.timer(f"eval_{method}"):
+                ctx.log(trainer.step, **{f"{name}/{k}": v for k, v in res.metrics.items()})
+        with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
                                   jax.random.fold_in(key, 100 + len(rows)))
-        row["t"] = trainer.t
-        row["predicted"] = predicted_win_rate(method, cfg, row["kl"])
-        rows[method] = row
+        row.update(method=method, t=trainer.t,
+                   predicted=predicted_win_rate(method, cfg, row["kl"], trainer.t if point else None))
+        if point:
+            row.update(beta=point.beta, beta_for_kl=point.kl)
+        rows[name] = row
         del trainer, policy
+    if cfg.is_sweep:
+        from iapo_jax.evaluation.kl_sweep import matched_kl_table, plot_sweep
+
+        matched = matched_kl_table(cfg, rows)
+        (ctx.run_dir / "matched_kl.md").write_text(matched)
+        plot_sweep(cfg, rows, ctx.run_dir / "win_rate_vs_kl.png")
+        log("\nwin rate at matched KL (interpolated along each sweep curve):\n" + matched)
     table = results_table(cfg, rows)
     (ctx.run_dir / "results.md").write_text(table)
     (ctx.run_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))

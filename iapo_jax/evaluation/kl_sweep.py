@@ -1,0 +1,163 @@
+"""Win rate against KL over a beta sweep: the settings of each point, the matched-KL read-out, the plot.
+
+A sweep trains every method once per point with beta held fixed. Points are given either as betas
+(the same beta for every method) or as KLs: then each method gets the beta whose KL-optimal tilted
+policy has exactly that KL for its own transform (algorithms.md §4), so every method's curve spans
+the same KL range although the transforms' beta units differ by orders of magnitude (-exp(-16u)
+reaches KL 1 at a beta ~5000x smaller than the identity). Trained policies stop short of the
+optimum, so the measured KL is what the curves are drawn against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    """One (method, beta) training run of a sweep."""
+
+    method: str
+    transform: str
+    beta: float  # in the trainer's units (exp / negexp rescaled onto [0, 1])
+    t: float | None  # CTRL's transform parameter (None for the other transforms)
+    kl: float | None  # the KL this beta was chosen for (None for an explicit beta)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}@beta={self.beta:.3g}"
+
+
+def trainer_beta(procedure: str, n: int, transform: str, kl: float) -> tuple[float, float | None]:
+    """(beta, t) whose KL-optimal policy has KL `kl`, with beta in the trainer's reward units.
+
+    The analytic tool measures beta in the units of Phi as algorithms.md writes it; the trainer
+    rescales exp(tu) to (e^{tu} - 1) / (e^t - 1) and -exp(-tu) to (1 - e^{-tu}) / (1 - e^{-t}),
+    which divides beta by e^t - 1 and 1 - e^{-t} respectively. Raw rewards have no closed form; they
+    get the identity's beta (both are rewards of order one).
+    """
+    from iapo_jax.theory.analysis import analyse
+
+    result = analyse(procedure, n, "identity" if transform == "raw" else transform, kl=kl)
+    log_beta = result.log_beta
+    if transform == "exp":
+        log_beta -= math.log(math.expm1(result.t))
+    elif transform == "negexp":
+        log_beta -= math.log(-math.expm1(-result.t))
+    return math.exp(log_beta), result.t
+
+
+def sweep_points(cfg) -> list[SweepPoint]:
+    """The (method, beta) runs of a CompareConfig with `betas` or `sweep_kls` set."""
+    from iapo_jax.alignment.ctrl import resolve_t
+
+    points = []
+    for method in cfg.methods:
+        transform = cfg.ctrl_config(method).transform
+        if cfg.sweep_kls:
+            for kl in cfg.sweep_kls:
+                beta, t = trainer_beta(cfg.procedure, cfg.deploy_n, transform, kl)
+                if method == "ctrl" and cfg.t is not None:
+                    t = float(cfg.t)
+                points.append(SweepPoint(method, transform, beta, t if method == "ctrl" else None, kl))
+        else:
+            t = resolve_t(cfg.ctrl_config(method))
+            points.extend(SweepPoint(method, transform, float(b), t, None) for b in cfg.betas)
+    return points
+
+
+def curve(rows: dict[str, dict], method: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(KL, W, W low, W high) of one method's sweep rows sorted by KL, starting at pi_ref (0, 1/2)."""
+    pts = [(0.0, 0.5, 0.5, 0.5)]
+    for r in rows.values():
+        if r.get("method") == method and "beta" in r:
+            w = r["win_rates"][key]
+            pts.append((max(r["kl"], 0.0), w["win_rate"], w["ci_low"], w["ci_high"]))
+    pts.sort()
+    return tuple(np.asarray(c, np.float64) for c in zip(*pts))  # type: ignore[return-value]
+
+
+def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = None) -> str:
+    """Markdown: each method's win rate linearly interpolated along its sweep curve at common KLs.
+
+    The KLs are the sweep's own (or the measured KLs) that every method's curve reaches; interval
+    ends are interpolated the same way, so they are approximate.
+    """
+    from iapo_jax.evaluation.comparison import predicted_win_rate
+
+    key = f"{cfg.procedure}@{cfg.deploy_n}"
+    methods = [m for m in cfg.methods if any(r.get("method") == m for r in rows.values())]
+    curves = {m: curve(rows, m, key) for m in methods}
+    reach = min(c[0][-1] for c in curves.values())
+    if kls is None:
+        kls = sorted(cfg.sweep_kls) if cfg.sweep_kls else sorted(
+            {round(r["kl"], 2) for r in rows.values() if "beta" in r})
+    kls = [k for k in kls if 0 < k <= reach]
+    proc = f"{cfg.procedure.upper()}_{cfg.deploy_n}"
+    head = ("| KL (nats) | " + " | ".join(f"{m}: W ({proc})" for m in methods) + " | "
+            + " | ".join(f"{m}: predicted" for m in methods) + " |\n|---|"
+            + "---|" * (2 * len(methods)) + "\n")
+    if not kls:
+        return head + f"| (no KL that every method reached: common reach {reach:.2f}) |\n"
+    lines = []
+    for k in kls:
+        cells = []
+        for m in methods:
+            x, w, lo, hi = curves[m]
+            cells.append(f"{np.interp(k, x, w):.3f} [{np.interp(k, x, lo):.3f}, {np.interp(k, x, hi):.3f}]")
+        preds = []
+        for m in methods:
+            t = next((r.get("t") for r in rows.values() if r.get("method") == m), None)
+            p = predicted_win_rate(m, cfg, k, t)
+            preds.append("–" if p is None else f"{p:.3f}")
+        lines.append(f"| {k:.2f} | " + " | ".join(cells) + " | " + " | ".join(preds) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
+    """W^{T_N}(pi > pi_ref) against the measured KL for each method, over the analytic curves."""
+    from matplotlib.figure import Figure
+
+    from iapo_jax.evaluation.comparison import METHODS
+
+    key = f"{cfg.procedure}@{cfg.deploy_n}"
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    top = 0.0
+    for i, method in enumerate(cfg.methods):
+        x, w, lo, hi = curve(rows, method, key)
+        if len(x) < 2:
+            continue
+        top = max(top, float(x[-1]))
+        color = f"C{i}"
+        ax.errorbar(x, w, yerr=[w - lo, hi - w], marker="o", capsize=3, color=color, label=f"{method} (measured)")
+    grid = np.linspace(0.02, max(top, 0.1) * 1.1, 24)
+    for i, method in enumerate(cfg.methods):
+        transform = METHODS[method][0 if cfg.procedure == "bon" else 1]
+        if transform == "raw":
+            continue
+        t = next((r.get("t") for r in rows.values() if r.get("method") == method), None)
+        preds = [predicted_win_rate_or_nan(method, cfg, k, t) for k in grid]
+        ax.plot(np.r_[0.0, grid], np.r_[0.5, preds], ls="--", color=f"C{i}", lw=1,
+                label=f"{method} (closed form, optimal tilt)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("KL(pi || pi_ref) on held-out prompts [nats]")
+    proc = "best" if cfg.procedure == "bon" else "worst"
+    ax.set_ylabel(f"{proc}-of-{cfg.deploy_n} win rate vs reference")
+    ax.set_title(f"beta sweep: {cfg.reward} reward, {Path(str(cfg.model)).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def predicted_win_rate_or_nan(method, cfg, kl, t) -> float:
+    from iapo_jax.evaluation.comparison import predicted_win_rate
+
+    p = predicted_win_rate(method, cfg, float(kl), t)
+    return float("nan") if p is None else p

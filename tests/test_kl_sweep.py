@@ -1,0 +1,99 @@
+"""Beta sweeps: per-method betas from the closed form, the matched-KL read-out, and the job end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iapo_jax.alignment.ctrl import unit_range_transform
+from iapo_jax.evaluation.comparison import CompareConfig
+from iapo_jax.evaluation.kl_sweep import curve, matched_kl_table, sweep_points, trainer_beta
+from iapo_jax.rewards.transforms import get_transform
+from iapo_jax.theory.analysis import analyse
+
+
+@pytest.mark.parametrize("procedure,transform", [("bon", "identity"), ("bon", "exp"), ("won", "negexp"),
+                                                 ("bon", "log")])
+def test_trainer_beta_gives_the_tilt_of_the_requested_kl(procedure, transform):
+    """The trainer's reward at the returned beta tilts pi_ref exactly as the closed form's Phi does
+    at its beta for that KL: Phi_trainer(u) / beta_trainer - Phi(u) / beta is constant in u."""
+    kl = 0.5
+    beta, t = trainer_beta(procedure, 4, transform, kl)
+    ref = analyse(procedure, 4, transform, kl=kl)
+    u = jnp.linspace(0.01, 0.99, 41)
+    ours = np.asarray(unit_range_transform(transform, t)(u), np.float64) / beta
+    theirs = np.asarray(get_transform(transform, t)(u), np.float64) / math.exp(ref.log_beta)
+    diff = ours - theirs
+    assert np.ptp(diff) < 1e-4 * max(1.0, np.ptp(theirs))
+    # and that tilt has the requested KL (closed form at the beta in the formulas' own units)
+    if ref.beta is not None:
+        assert analyse(procedure, 4, transform, beta=ref.beta, t=t).kl == pytest.approx(kl, rel=1e-4)
+
+
+def test_sweep_kls_give_each_method_its_own_beta_and_explicit_betas_are_shared():
+    cfg = CompareConfig(procedure="won", methods=("ctrl", "calibrated", "raw"), sweep_kls=(0.25, 1.0))
+    points = sweep_points(cfg.validate())
+    by = {(p.method, p.kl): p for p in points}
+    assert len(points) == 6
+    # -exp(-t u) at its best t needs a far smaller beta than the identity for the same KL
+    assert by["ctrl", 1.0].beta < 1e-3 * by["calibrated", 1.0].beta
+    assert by["raw", 0.25].beta == by["calibrated", 0.25].beta  # raw borrows the identity's
+    assert by["ctrl", 0.25].t < by["ctrl", 1.0].t and by["calibrated", 1.0].t is None
+    for p in points:  # a sweep point trains at a fixed beta, with CTRL's t of that point
+        c = cfg.ctrl_config(p.method, beta=p.beta, t=p.t)
+        assert c.target_kl is None and c.beta == p.beta and c.t == p.t
+
+    shared = sweep_points(CompareConfig(methods=("ctrl", "calibrated"), betas=(0.1, 0.3)).validate())
+    assert sorted({p.beta for p in shared}) == [0.1, 0.3] and len(shared) == 4
+
+
+def _row(method, kl, w):
+    win = {"win_rate": w, "ci_low": w - 0.05, "ci_high": w + 0.05}
+    return {"method": method, "beta": 1.0, "kl": kl, "win_rates": {"bon@4": win}}
+
+
+def test_matched_kl_table_interpolates_each_curve_from_the_reference_point():
+    cfg = CompareConfig(methods=("ctrl", "calibrated"), sweep_kls=(0.5, 1.0, 3.0))
+    rows = {"reference": {"kl": 0.0, "win_rates": {}},
+            "a": _row("ctrl", 1.0, 0.7), "b": _row("ctrl", 2.0, 0.8), "c": _row("calibrated", 1.6, 0.9)}
+    x, w, lo, hi = curve(rows, "ctrl", "bon@4")
+    assert list(x) == [0.0, 1.0, 2.0] and list(w) == [0.5, 0.7, 0.8] and lo[0] == hi[0] == 0.5
+    table = matched_kl_table(cfg, rows)
+    # KL 3.0 is beyond calibrated's reach (1.6): only 0.5 and 1.0 are read out
+    assert "| 3.00 |" not in table
+    assert "| 0.50 | 0.600 [0.575, 0.625] | " in table  # halfway from (0, 0.5) to (1, 0.7)
+    assert f"| 1.00 | 0.700 [0.650, 0.750] | {0.5 + 0.4 / 1.6:.3f}" in table
+
+
+@pytest.mark.parametrize("kwargs,match", [({"betas": (0.1,), "sweep_kls": (1.0,)}, "not both"),
+                                          ({"sweep_kls": (0.5, 0.0)}, "sweep_kls value must be positive"),
+                                          ({"betas": (-0.1,)}, "betas value must be positive")])
+def test_bad_sweep_settings_fail_before_compute(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompareConfig(**kwargs).validate()
+
+
+@pytest.mark.slow
+def test_compare_sweep_writes_curves_and_matched_kl_table(tiny_chat_llama_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["--reward", "length", "--steps", "2", "--train-prompts", "8", "--eval-prompts", "8",
+            "--pool-size", "8", "--eval-samples", "8", "--max-new-tokens", "12", "--eval-ns", "1", "4",
+            "--methods", "ctrl", "calibrated", "--learning-rate", "1e-3", "--sweep-kls", "0.5", "4.0"]
+    done = subprocess.run([sys.executable, "-m", "iapo_jax.cli", "compare", "--model", str(tiny_chat_llama_dir),
+                           *args, "--run-dir", str(run)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((run / "results.json").read_text())
+    swept = {k: r for k, r in rows.items() if k != "reference"}
+    assert len(swept) == 4 and {r["method"] for r in swept.values()} == {"ctrl", "calibrated"}
+    assert {r["beta_for_kl"] for r in swept.values()} == {0.5, 4.0}
+    # a smaller beta lets the same steps move further from pi_ref
+    for m in ("ctrl", "calibrated"):
+        by_kl = {r["beta_for_kl"]: r for r in swept.values() if r["method"] == m}
+        assert by_kl[4.0]["beta"] < by_kl[0.5]["beta"]
+    assert "| KL (nats) | ctrl: W (BON_4) | calibrated: W (BON_4) |" in (run / "matched_kl.md").read_text()
+    assert (run / "win_rate_vs_kl.png").stat().st_size > 1000
