@@ -282,11 +282,9 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) 
         rows[name] = row
         del trainer, policy
     if cfg.is_sweep:
-        from iapo_jax.evaluation.kl_sweep import matched_kl_table, plot_sweep
+        from iapo_jax.evaluation.kl_sweep import write_sweep_report
 
-        matched = matched_kl_table(cfg, rows)
-        (ctx.run_dir / "matched_kl.md").write_text(matched)
-        plot_sweep(cfg, rows, ctx.run_dir / "win_rate_vs_kl.png")
+        matched = write_sweep_report(cfg, rows, ctx.run_dir)
         log("\nwin rate at matched KL (interpolated along each sweep curve):\n" + matched)
     table = results_table(cfg, rows)
     (ctx.run_dir / "results.md").write_text(table)

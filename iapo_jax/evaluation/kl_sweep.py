@@ -82,6 +82,14 @@ def curve(rows: dict[str, dict], method: str, key: str) -> tuple[np.ndarray, np.
     return tuple(np.asarray(c, np.float64) for c in zip(*pts))  # type: ignore[return-value]
 
 
+def curve_t(cfg, rows: dict[str, dict], method: str) -> float | None:
+    """CTRL's t along a closed-form curve: the sweep's own (one t for explicit betas), or None for
+    a sweep by KL, whose points each use the best t at their KL, as the curve then does too."""
+    if cfg.t is not None or cfg.sweep_kls:
+        return cfg.t
+    return next((r.get("t") for r in rows.values() if r.get("method") == method), None)
+
+
 def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = None) -> str:
     """Markdown: each method's win rate linearly interpolated along its sweep curve at common KLs.
 
@@ -112,8 +120,7 @@ def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = N
             cells.append(f"{np.interp(k, x, w):.3f} [{np.interp(k, x, lo):.3f}, {np.interp(k, x, hi):.3f}]")
         preds = []
         for m in methods:
-            t = next((r.get("t") for r in rows.values() if r.get("method") == m), None)
-            p = predicted_win_rate(m, cfg, k, t)
+            p = predicted_win_rate(m, cfg, k, curve_t(cfg, rows, m))
             preds.append("–" if p is None else f"{p:.3f}")
         lines.append(f"| {k:.2f} | " + " | ".join(cells) + " | " + " | ".join(preds) + " |")
     return head + "\n".join(lines) + "\n"
@@ -141,7 +148,7 @@ def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
         transform = METHODS[method][0 if cfg.procedure == "bon" else 1]
         if transform == "raw":
             continue
-        t = next((r.get("t") for r in rows.values() if r.get("method") == method), None)
+        t = curve_t(cfg, rows, method)
         preds = [predicted_win_rate_or_nan(method, cfg, k, t) for k in grid]
         ax.plot(np.r_[0.0, grid], np.r_[0.5, preds], ls="--", color=f"C{i}", lw=1,
                 label=f"{method} (closed form, optimal tilt)")
@@ -161,3 +168,12 @@ def predicted_win_rate_or_nan(method, cfg, kl, t) -> float:
 
     p = predicted_win_rate(method, cfg, float(kl), t)
     return float("nan") if p is None else p
+
+
+def write_sweep_report(cfg, rows: dict[str, dict], run_dir: Path) -> str:
+    """matched_kl.md and win_rate_vs_kl.png in run_dir (also to re-render them from results.json)."""
+    run_dir = Path(run_dir)
+    matched = matched_kl_table(cfg, rows)
+    (run_dir / "matched_kl.md").write_text(matched)
+    plot_sweep(cfg, rows, run_dir / "win_rate_vs_kl.png")
+    return matched
