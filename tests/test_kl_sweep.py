@@ -97,3 +97,30 @@ def test_compare_sweep_writes_curves_and_matched_kl_table(tiny_chat_llama_dir, t
         assert by_kl[4.0]["beta"] < by_kl[0.5]["beta"]
     assert "| KL (nats) | ctrl: W (BON_4) | calibrated: W (BON_4) |" in (run / "matched_kl.md").read_text()
     assert (run / "win_rate_vs_kl.png").stat().st_size > 1000
+
+
+def _fake_run(path, methods, rows, **overrides):
+    config = {"methods": methods, "procedure": "bon", "deploy_n": 4, "sweep_kls": [0.5, 1.0], "seed": 0}
+    config.update(overrides)
+    path.mkdir()
+    (path / "manifest.json").write_text(json.dumps({"config": config, "data": {"pool_eval": {"sha256": "x"}}}))
+    (path / "results.json").write_text(json.dumps(rows))
+    return path
+
+
+def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
+    script = "experiments/ctrl/merge_sweeps.py"
+    ref = {"kl": 0.0, "win_rates": {}}
+    a = _fake_run(tmp_path / "a", ["ctrl"], {"reference": ref, "c": _row("ctrl", 1.0, 0.7)})
+    b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 2.0, 0.9)})
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, script, str(a), str(b), "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 0.50 | 0.600 [0.575, 0.625] | 0.600 [0.588, 0.613] |" in (out / "matched_kl.md").read_text()
+    assert set(json.loads((out / "results.json").read_text())) == {"reference", "c", "r"}
+
+    c = _fake_run(tmp_path / "c", ["raw"], {"reference": ref}, seed=1)
+    bad = subprocess.run([sys.executable, script, str(a), str(c), "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "settings differ" in bad.stderr and "['seed']" in bad.stderr
