@@ -9,6 +9,8 @@ The pipeline behind `iapo compare` and `iapo quickstart`:
    W^T(pi > pi_ref) for T = sampling, BoN_N and WoN_N with bootstrap intervals, and the sample KL;
 4. predict: the analytic tool's win rate of the same transform at the measured KL;
 5. report: a markdown table, a JSON file and a plot in the run directory.
+With `betas` or `sweep_kls` set, step 2 trains every method once per sweep point at a fixed beta
+and step 5 adds win rate vs KL curves and a matched-KL table (evaluation.kl_sweep).
 """
 
 from __future__ import annotations
