@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,7 @@ def test_compare_sweep_writes_curves_and_matched_kl_table(tiny_chat_llama_dir, t
     swept = {k: r for k, r in rows.items() if k != "reference"}
     assert len(swept) == 4 and {r["method"] for r in swept.values()} == {"ctrl", "calibrated"}
     assert {r["beta_for_kl"] for r in swept.values()} == {0.5, 4.0}
-    # a smaller beta lets the same steps move further from pi_ref
+    # the recorded betas are the closed form's: a larger KL needs a smaller beta
     for m in ("ctrl", "calibrated"):
         by_kl = {r["beta_for_kl"]: r for r in swept.values() if r["method"] == m}
         assert by_kl[4.0]["beta"] < by_kl[0.5]["beta"]
@@ -109,7 +110,7 @@ def _fake_run(path, methods, rows, **overrides):
 
 
 def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
-    script = "experiments/ctrl/merge_sweeps.py"
+    script = str(Path(__file__).parents[1] / "experiments/ctrl/merge_sweeps.py")
     ref = {"kl": 0.0, "win_rates": {}}
     a = _fake_run(tmp_path / "a", ["ctrl"], {"reference": ref, "c": _row("ctrl", 1.0, 0.7)})
     b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 2.0, 0.9)})
@@ -124,3 +125,8 @@ def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
     bad = subprocess.run([sys.executable, script, str(a), str(c), "--out", str(out)], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "settings differ" in bad.stderr and "['seed']" in bad.stderr
+
+    same = _fake_run(tmp_path / "d", ["ctrl"], {"reference": ref, "c": _row("ctrl", 2.0, 0.6)})
+    again = subprocess.run([sys.executable, script, str(a), str(same), "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode != 0 and "in an earlier run too" in again.stderr

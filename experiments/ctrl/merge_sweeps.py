@@ -34,7 +34,10 @@ def main() -> None:
     for run in args.runs:
         manifest, run_rows = load(run)
         manifests.append(manifest)
-        methods += [m for m in manifest["config"]["methods"] if m not in methods]
+        twice = [m for m in manifest["config"]["methods"] if m in methods]
+        if twice:
+            raise SystemExit(f"{run}: methods {twice} are in an earlier run too; join runs of different methods")
+        methods += manifest["config"]["methods"]
         rows.update(run_rows)  # the reference rows are identical when the pools are
     first = {k: v for k, v in manifests[0]["config"].items() if k != "methods"}
     for run, manifest in zip(args.runs[1:], manifests[1:]):

@@ -130,8 +130,6 @@ def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
     """W^{T_N}(pi > pi_ref) against the measured KL for each method, over the analytic curves."""
     from matplotlib.figure import Figure
 
-    from iapo_jax.evaluation.comparison import METHODS
-
     key = f"{cfg.procedure}@{cfg.deploy_n}"
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
@@ -145,8 +143,7 @@ def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
         ax.errorbar(x, w, yerr=[w - lo, hi - w], marker="o", capsize=3, color=color, label=f"{method} (measured)")
     grid = np.linspace(0.02, max(top, 0.1) * 1.1, 24)
     for i, method in enumerate(cfg.methods):
-        transform = METHODS[method][0 if cfg.procedure == "bon" else 1]
-        if transform == "raw":
+        if cfg.ctrl_config(method).transform == "raw":
             continue
         t = curve_t(cfg, rows, method)
         preds = [predicted_win_rate_or_nan(method, cfg, k, t) for k in grid]
