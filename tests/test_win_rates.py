@@ -1,29 +1,109 @@
-"""Win-rate estimators against brute-force enumeration and exact closed forms."""
+"""Win-rate estimators against brute-force enumeration, exact closed forms and simulations.
+
+Populations used below (pi_ref's calibrated reward is Uniform(0, 1)): the policy has density
+(a+1) u^a, CDF u^(a+1). Best-of-N on both sides gives CDFs u^((a+1)N) and u^N, so
+W(BoN_N) = (a+1)N / ((a+1)N + N) = (a+1)/(a+2); worst-of-N is integrated numerically here.
+"""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 
-from iapo_jax.evaluation import bootstrap_win_rate, inference_time_win_rate, per_prompt_win_rates
+from iapo_jax.evaluation import (
+    bootstrap_win_rate,
+    inference_time_win_rate,
+    paired_bootstrap_difference,
+    per_prompt_win_rates,
+)
 
 
-def _brute(a, b, procedure, n):
-    """Enumerate every ordered N-tuple (with replacement) from each side's empirical distribution."""
+def _h(x, y):
+    return (x > y) + 0.5 * (x == y)
+
+
+def _brute(a, b, procedure, n, subsets):
+    """Average comparison over every served pair: N-subsets without replacement (the unbiased
+    U-statistic) or ordered N-tuples with replacement (the plug-in)."""
     pick = {"sampling": lambda t: t[0], "bon": max, "won": min}[procedure]
     k = 1 if procedure == "sampling" else n
-    sa = [pick(t) for t in itertools.product(a, repeat=k)]
-    sb = [pick(t) for t in itertools.product(b, repeat=k)]
-    wins = [(x > y) + 0.5 * (x == y) for x in sa for y in sb]
-    return float(np.mean(wins))
+    draws = (lambda v: itertools.combinations(v, k)) if subsets else (lambda v: itertools.product(v, repeat=k))
+    sa = [pick(t) for t in draws(a)]
+    sb = [pick(t) for t in draws(b)]
+    return float(np.mean([_h(x, y) for x in sa for y in sb]))
+
+
+A_TIES = np.array([[0.0, 1.0, 1.0, 2.0, 1.0]])  # ties inside and across policies
+B_TIES = np.array([[1.0, 0.0, 3.0, 1.0]])
+
+
+@pytest.mark.parametrize("procedure,n", [("sampling", 1), ("bon", 2), ("bon", 3), ("bon", 4),
+                                         ("won", 2), ("won", 4)])
+def test_unbiased_estimator_equals_enumeration_of_all_subsets_with_ties(procedure, n):
+    got = per_prompt_win_rates(A_TIES, B_TIES, procedure, n)[0]  # the default estimator
+    assert got == pytest.approx(_brute(A_TIES[0], B_TIES[0], procedure, n, subsets=True), abs=1e-12)
 
 
 @pytest.mark.parametrize("procedure,n", [("sampling", 1), ("bon", 2), ("bon", 3), ("won", 3)])
-def test_matches_enumeration_with_ties(procedure, n):
-    a = np.array([[0.0, 1.0, 1.0, 2.0]])  # ties inside and across policies
-    b = np.array([[1.0, 0.0, 3.0]])
-    got = per_prompt_win_rates(a, b, procedure, n)[0]
-    assert got == pytest.approx(_brute(a[0], b[0], procedure, n), abs=1e-12)
+def test_plugin_estimator_equals_enumeration_with_replacement(procedure, n):
+    got = per_prompt_win_rates(A_TIES, B_TIES, procedure, n, estimator="plugin")[0]
+    assert got == pytest.approx(_brute(A_TIES[0], B_TIES[0], procedure, n, subsets=False), abs=1e-12)
+
+
+def test_unbiased_mean_is_exact_on_a_discrete_population_and_the_plugin_is_not():
+    """Policy reward ~ Bernoulli(p), reference always 0.5: W(BoN_N) = 1 - (1-p)^N exactly. Both
+    estimators depend on the sample only through K = number of ones, so their expectations are
+    exact sums over K ~ Binomial(n, p): no simulation noise."""
+    p, n_samples, N = 0.2, 8, 4
+    ref = np.full((1, n_samples), 0.5)
+    mean = {"unbiased": 0.0, "plugin": 0.0}
+    for k in range(n_samples + 1):
+        prob = math.comb(n_samples, k) * p**k * (1 - p) ** (n_samples - k)
+        row = np.array([[1.0] * k + [0.0] * (n_samples - k)])
+        for est in mean:
+            mean[est] += prob * per_prompt_win_rates(row, ref, "bon", N, estimator=est)[0]
+    truth = 1 - (1 - p) ** N
+    assert mean["unbiased"] == pytest.approx(truth, abs=1e-12)
+    assert mean["plugin"] < truth - 0.03  # the plug-in's known bias towards 1/2 (about -3.7 points)
+
+
+def _power_law_replicates(a_pow, prompts, samples, seed):
+    rng = np.random.default_rng(seed)
+    policy = rng.uniform(size=(prompts, samples)) ** (1.0 / (a_pow + 1.0))  # inverse CDF of u^(a+1)
+    return policy, rng.uniform(size=(prompts, samples))
+
+
+def _won_closed_form(a_pow, N):
+    """P(min of N policy draws > min of N reference draws) = int_0^1 N (1-u)^(N-1) (1 - u^(a+1))^N du,
+    by Gauss-Legendre quadrature (exact here: the integrand is a polynomial for integer a)."""
+    x, w = np.polynomial.legendre.leggauss(40)
+    u, w = (x + 1) / 2, w / 2
+    return float(np.sum(w * N * (1 - u) ** (N - 1) * (1 - u ** (a_pow + 1)) ** N))
+
+
+def test_won_closed_form_quadrature_sanity():
+    # a = 0: the policy is pi_ref, so the win rate is exactly 1/2
+    assert _won_closed_form(0.0, 4) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+def test_unbiased_estimator_mean_matches_the_population_closed_form(procedure):
+    """4000 prompts x 8 samples per side, best-/worst-of-4 (seeded). The unbiased mean lies within
+    3 standard errors of the closed form. The plug-in sits below it on the same data: for worst-of-4
+    by about 2.5 points (> 5 standard errors); for best-of-4 on this population its bias is small
+    (about 0.2 points), so the check there is on the paired gap, whose standard error is ~0.08."""
+    a_pow, N, P = 1.0, 4, 4000
+    truth = (a_pow + 1) / (a_pow + 2) if procedure == "bon" else _won_closed_form(a_pow, N)
+    policy, ref = _power_law_replicates(a_pow, P, 8, seed=0)
+    u = per_prompt_win_rates(policy, ref, procedure, N)
+    plug = per_prompt_win_rates(policy, ref, procedure, N, estimator="plugin")
+    se = u.std(ddof=1) / math.sqrt(P)
+    assert abs(u.mean() - truth) < 3 * se, (u.mean(), truth, se)
+    gap, gap_se = (plug - u).mean(), (plug - u).std(ddof=1) / math.sqrt(P)
+    assert gap < -2.5 * gap_se  # plug-in pulled towards 1/2 against the unbiased estimate
+    if procedure == "won":
+        assert plug.mean() < truth - 5 * se and truth - plug.mean() > 0.015
 
 
 def test_bon_of_reference_against_reference_is_n_over_n_plus_one():
@@ -31,24 +111,53 @@ def test_bon_of_reference_against_reference_is_n_over_n_plus_one():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(1, 20_000))
     b = rng.normal(size=(1, 20_000))
-    # Served side a picks max of 4, side b plain: emulate by comparing bon(a,4) vs sampling(b).
-    a_best = a.reshape(1, -1, 4).max(-1)
+    a_best = a.reshape(1, -1, 4).max(-1)  # side a serves the max of 4 fresh draws, side b plain
     assert inference_time_win_rate(a_best, b, "sampling", 1) == pytest.approx(0.8, abs=0.01)
 
 
-def test_same_policy_wins_half_under_every_procedure():
+def test_same_policy_wins_half_under_every_procedure_and_estimator():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 3, size=(50, 8)).astype(float)  # many ties
-    for proc, n in [("sampling", 1), ("bon", 4), ("won", 4)]:
-        assert inference_time_win_rate(x, x, proc, n) == pytest.approx(0.5, abs=1e-12)
+    for proc, n in [("sampling", 1), ("bon", 4), ("won", 4), ("bon", 8)]:
+        for est in ("unbiased", "plugin"):
+            assert inference_time_win_rate(x, x, proc, n, est) == pytest.approx(0.5, abs=1e-12)
 
 
-def test_bootstrap_interval_covers_and_is_reproducible():
-    rng = np.random.default_rng(2)
-    a, b = rng.normal(0.3, 1, size=(64, 8)), rng.normal(0, 1, size=(64, 8))
-    w1 = bootstrap_win_rate(a, b, "bon", 4, seed=3)
-    w2 = bootstrap_win_rate(a, b, "bon", 4, seed=3)
-    assert w1 == w2 and w1.ci_low < w1.win_rate < w1.ci_high
+def test_bootstrap_interval_covers_the_true_value_at_its_nominal_rate():
+    """200 seeded replicates of 40 prompts x 8 samples, best-of-4: the 95% percentile interval
+    must contain the population value (a+1)/(a+2) in 90-99% of them. A too narrow interval (e.g.
+    resampling samples instead of prompts, or a wrong quantile) or a biased centre fails this;
+    with 200 replicates the binomial sd of the coverage is 1.5 points."""
+    a_pow, truth, hits = 1.0, 2.0 / 3.0, 0
+    for rep in range(200):
+        policy, ref = _power_law_replicates(a_pow, 40, 8, seed=1000 + rep)
+        w = bootstrap_win_rate(policy, ref, "bon", 4, num_resamples=500, seed=rep)
+        hits += w.ci_low <= truth <= w.ci_high
+    assert 0.90 <= hits / 200 <= 0.99, hits
+
+
+def test_bootstrap_is_reproducible_with_its_seed():
+    policy, ref = _power_law_replicates(1.0, 16, 8, seed=2)
+    assert bootstrap_win_rate(policy, ref, "bon", 4, seed=3) == bootstrap_win_rate(policy, ref, "bon", 4, seed=3)
+
+
+def test_paired_difference_of_two_methods_on_the_same_prompts():
+    """Two methods that share a large prompt effect: the paired mean difference is exact, and its
+    interval is far narrower than the unpaired spread and covers the true difference (0.05)."""
+    rng = np.random.default_rng(4)
+    prompt_effect = rng.normal(0.6, 0.15, size=200)
+    a = prompt_effect + 0.05 + rng.normal(0, 0.02, size=200)
+    b = prompt_effect + rng.normal(0, 0.02, size=200)
+    d = paired_bootstrap_difference(a, b, seed=0)
+    assert d.difference == pytest.approx(float(np.mean(a - b)), abs=1e-12)
+    assert d.ci_low < 0.05 < d.ci_high
+    # the interval's half-width matches the standard error of the mean difference (sd 0.028 / sqrt 200)
+    se = np.std(a - b, ddof=1) / math.sqrt(200)
+    assert (d.ci_high - d.ci_low) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    unpaired_width = 2 * 1.96 * math.sqrt((np.var(a) + np.var(b)) / 200)  # two independent intervals
+    assert d.ci_high - d.ci_low < 0.25 * unpaired_width
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_bootstrap_difference(a, b[:-1])
 
 
 def test_bad_input():
@@ -56,7 +165,13 @@ def test_bad_input():
         per_prompt_win_rates(np.zeros((1, 2)), np.zeros((1, 2)), "bon", 0)
     with pytest.raises(ValueError, match="unknown procedure"):
         per_prompt_win_rates(np.zeros((1, 2)), np.zeros((1, 2)), "tree", 2)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        per_prompt_win_rates(np.zeros((1, 2)), np.zeros((1, 2)), "bon", 2, estimator="median")
     with pytest.raises(ValueError, match="NaN"):
         per_prompt_win_rates(np.array([[np.nan]]), np.zeros((1, 2)))
     with pytest.raises(ValueError, match="same number of prompts"):
         per_prompt_win_rates(np.zeros((2, 2)), np.zeros((1, 2)))
+    # fewer samples than N: the unbiased estimator refuses and names the fixes
+    with pytest.raises(ValueError, match=r"needs at least N samples .* got 3.*estimator='plugin'"):
+        per_prompt_win_rates(np.zeros((1, 3)), np.zeros((1, 8)), "won", 4)
+    assert per_prompt_win_rates(np.zeros((1, 3)), np.zeros((1, 8)), "won", 4, estimator="plugin")[0] == 0.5
