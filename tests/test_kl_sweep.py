@@ -12,7 +12,7 @@ import pytest
 
 from iapo_jax.alignment.ctrl import unit_range_transform
 from iapo_jax.evaluation.comparison import CompareConfig
-from iapo_jax.evaluation.kl_sweep import curve, matched_kl_table, sweep_points, trainer_beta
+from iapo_jax.evaluation.kl_sweep import BELOW_FIRST_POINT, curve, matched_kl_table, sweep_points, trainer_beta
 from iapo_jax.rewards.transforms import get_transform
 from iapo_jax.theory.analysis import analyse
 
@@ -57,17 +57,29 @@ def _row(method, kl, w):
     return {"method": method, "beta": 1.0, "kl": kl, "win_rates": {"bon@4": win}}
 
 
-def test_matched_kl_table_interpolates_each_curve_from_the_reference_point():
-    cfg = CompareConfig(methods=("ctrl", "calibrated"), sweep_kls=(0.5, 1.0, 3.0))
+def test_matched_kl_table_reads_out_only_between_each_methods_measured_points():
+    """Linear interpolation between measured points; nothing below a method's first measured KL
+    (pi_ref's exact (0, 1/2) is not a measured point with an interval) nor beyond the common reach."""
+    cfg = CompareConfig(methods=("ctrl", "calibrated"), sweep_kls=(0.5, 1.0, 1.5, 3.0))
     rows = {"reference": {"kl": 0.0, "win_rates": {}},
-            "a": _row("ctrl", 1.0, 0.7), "b": _row("ctrl", 2.0, 0.8), "c": _row("calibrated", 1.6, 0.9)}
+            "a": _row("ctrl", 1.0, 0.7), "b": _row("ctrl", 2.0, 0.8),
+            "c": _row("calibrated", 1.2, 0.9), "d": _row("calibrated", 1.6, 0.94)}
     x, w, lo, hi = curve(rows, "ctrl", "bon@4")
-    assert list(x) == [0.0, 1.0, 2.0] and list(w) == [0.5, 0.7, 0.8] and lo[0] == hi[0] == 0.5
+    assert list(x) == [1.0, 2.0] and list(w) == [0.7, 0.8] and np.allclose(lo, [0.65, 0.75])
     table = matched_kl_table(cfg, rows)
-    # KL 3.0 is beyond calibrated's reach (1.6): only 0.5 and 1.0 are read out
-    assert "| 3.00 |" not in table
-    assert "| 0.50 | 0.600 [0.575, 0.625] | " in table  # halfway from (0, 0.5) to (1, 0.7)
-    assert f"| 1.00 | 0.700 [0.650, 0.750] | {0.5 + 0.4 / 1.6:.3f}" in table
+    # KL 3.0 is beyond calibrated's reach (1.6); KL 0.5 is below both first points: no rows
+    assert "| 3.00 |" not in table and "| 0.50 |" not in table
+    # KL 1.0: ctrl at its first point, calibrated (first point 1.2) not read out
+    assert f"| 1.00 | 0.700 [0.650, 0.750] | {BELOW_FIRST_POINT} |" in table
+    # KL 1.5: ctrl halfway between 1.0 and 2.0, calibrated 3/4 of the way from 1.2 to 1.6
+    assert "| 1.50 | 0.750 [0.700, 0.800] | 0.930 [0.880, 0.980] |" in table
+    assert "First measured KL per method: ctrl 1.00, calibrated 1.20." in table
+
+
+def test_matched_kl_table_says_when_no_kl_can_be_read_out():
+    cfg = CompareConfig(methods=("ctrl", "calibrated"), sweep_kls=(0.5,))
+    rows = {"a": _row("ctrl", 1.0, 0.7), "c": _row("calibrated", 1.6, 0.9)}
+    assert "(no KL that every method reached" in matched_kl_table(cfg, rows)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"betas": (0.1,), "sweep_kls": (1.0,)}, "not both"),
@@ -113,13 +125,17 @@ def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
     script = str(Path(__file__).parents[1] / "experiments/ctrl/merge_sweeps.py")
     ref = {"kl": 0.0, "win_rates": {}}
     a = _fake_run(tmp_path / "a", ["ctrl"], {"reference": ref, "c": _row("ctrl", 1.0, 0.7)})
-    b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 2.0, 0.9)})
+    b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 0.5, 0.6),
+                                            "s": _row("raw", 2.0, 0.9)})
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, script, str(a), str(b), "--out", str(out)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| 0.50 | 0.600 [0.575, 0.625] | 0.600 [0.588, 0.613] |" in (out / "matched_kl.md").read_text()
-    assert set(json.loads((out / "results.json").read_text())) == {"reference", "c", "r"}
+    # both runs' curves in one table: raw interpolated from 0.5 to 2.0, ctrl only from its first KL
+    merged = (out / "matched_kl.md").read_text()
+    assert f"| 0.50 | {BELOW_FIRST_POINT} | 0.600 [0.550, 0.650] |" in merged
+    assert "| 1.00 | 0.700 [0.650, 0.750] | 0.700 [0.650, 0.750] |" in merged
+    assert set(json.loads((out / "results.json").read_text())) == {"reference", "c", "r", "s"}
 
     c = _fake_run(tmp_path / "c", ["raw"], {"reference": ref}, seed=1)
     bad = subprocess.run([sys.executable, script, str(a), str(c), "--out", str(out)], capture_output=True,

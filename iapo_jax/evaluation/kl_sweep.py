@@ -72,13 +72,20 @@ def sweep_points(cfg) -> list[SweepPoint]:
 
 
 def curve(rows: dict[str, dict], method: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(KL, W, W low, W high) of one method's sweep rows sorted by KL, starting at pi_ref (0, 1/2)."""
-    pts = [(0.0, 0.5, 0.5, 0.5)]
+    """(KL, W, W low, W high) of one method's measured sweep rows, sorted by KL.
+
+    pi_ref's own point (KL 0, W 1/2) is not part of a curve: it is exact, but the straight line
+    from it to the first measured point is not a measurement, and its zero-width "interval" made
+    read-outs below that point look far more certain than they are.
+    """
+    pts = []
     for r in rows.values():
         if r.get("method") == method and "beta" in r:
             w = r["win_rates"][key]
             pts.append((max(r["kl"], 0.0), w["win_rate"], w["ci_low"], w["ci_high"]))
     pts.sort()
+    if not pts:
+        return tuple(np.zeros(0) for _ in range(4))  # type: ignore[return-value]
     return tuple(np.asarray(c, np.float64) for c in zip(*pts))  # type: ignore[return-value]
 
 
@@ -90,18 +97,24 @@ def curve_t(cfg, rows: dict[str, dict], method: str) -> float | None:
     return next((r.get("t") for r in rows.values() if r.get("method") == method), None)
 
 
+BELOW_FIRST_POINT = "below first point"  # a cell not read out: see matched_kl_table
+
+
 def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = None) -> str:
     """Markdown: each method's win rate linearly interpolated along its sweep curve at common KLs.
 
-    The KLs are the sweep's own (or the measured KLs) that every method's curve reaches; interval
-    ends are interpolated the same way, so they are approximate.
+    The KLs are the sweep's own (or the measured KLs) up to the smallest largest-measured KL of
+    the methods. A method is read out only between its first and last measured KL: below its first
+    point a cell says so (BELOW_FIRST_POINT) rather than interpolated towards pi_ref's (0, 1/2), which
+    would come with a made-up, too narrow interval. Interval ends are interpolated the same way as
+    the win rates, so they are approximate.
     """
     from iapo_jax.evaluation.comparison import predicted_win_rate
 
     key = f"{cfg.procedure}@{cfg.deploy_n}"
-    methods = [m for m in cfg.methods if any(r.get("method") == m for r in rows.values())]
+    methods = [m for m in cfg.methods if any(r.get("method") == m and "beta" in r for r in rows.values())]
     curves = {m: curve(rows, m, key) for m in methods}
-    reach = min(c[0][-1] for c in curves.values())
+    reach = min((c[0][-1] for c in curves.values()), default=0.0)
     if kls is None:
         kls = sorted(cfg.sweep_kls) if cfg.sweep_kls else sorted(
             {round(r["kl"], 2) for r in rows.values() if "beta" in r})
@@ -110,20 +123,26 @@ def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = N
     head = ("| KL (nats) | " + " | ".join(f"{m}: W ({proc})" for m in methods) + " | "
             + " | ".join(f"{m}: predicted" for m in methods) + " |\n|---|"
             + "---|" * (2 * len(methods)) + "\n")
-    if not kls:
-        return head + f"| (no KL that every method reached: common reach {reach:.2f}) |\n"
     lines = []
     for k in kls:
         cells = []
         for m in methods:
             x, w, lo, hi = curves[m]
-            cells.append(f"{np.interp(k, x, w):.3f} [{np.interp(k, x, lo):.3f}, {np.interp(k, x, hi):.3f}]")
+            cells.append(BELOW_FIRST_POINT if k < x[0] else
+                         f"{np.interp(k, x, w):.3f} [{np.interp(k, x, lo):.3f}, {np.interp(k, x, hi):.3f}]")
+        if all(c == BELOW_FIRST_POINT for c in cells):
+            continue
         preds = []
         for m in methods:
             p = predicted_win_rate(m, cfg, k, curve_t(cfg, rows, m))
             preds.append("–" if p is None else f"{p:.3f}")
         lines.append(f"| {k:.2f} | " + " | ".join(cells) + " | " + " | ".join(preds) + " |")
-    return head + "\n".join(lines) + "\n"
+    if not lines:
+        return head + f"| (no KL that every method reached: common reach {reach:.2f}) |\n"
+    firsts = ", ".join(f"{m} {curves[m][0][0]:.2f}" for m in methods)
+    note = (f"\nFirst measured KL per method: {firsts}. Below it a method is not read out (no "
+            "interpolation towards the reference's (0, 1/2)).\n")
+    return head + "\n".join(lines) + "\n" + note
 
 
 def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
@@ -136,11 +155,12 @@ def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
     top = 0.0
     for i, method in enumerate(cfg.methods):
         x, w, lo, hi = curve(rows, method, key)
-        if len(x) < 2:
+        if len(x) < 1:
             continue
         top = max(top, float(x[-1]))
         color = f"C{i}"
         ax.errorbar(x, w, yerr=[w - lo, hi - w], marker="o", capsize=3, color=color, label=f"{method} (measured)")
+    ax.plot([0.0], [0.5], marker="s", color="grey", ls="none", label="reference (KL 0, W 1/2)")
     grid = np.linspace(0.02, max(top, 0.1) * 1.1, 24)
     for i, method in enumerate(cfg.methods):
         if cfg.ctrl_config(method).transform == "raw":
