@@ -6,7 +6,8 @@ The pipeline behind `iapo compare` and `iapo quickstart`:
 2. train each method (CTRL with the procedure's transform, calibrated RLHF, raw-reward RLHF, the
    best-of-N distillation target) from pi_ref with the same data, seeds and KL target;
 3. evaluate: fresh samples of every policy on the held-out prompts; inference-time win rates
-   W^T(pi > pi_ref) for T = sampling, BoN_N and WoN_N with bootstrap intervals, and the sample KL;
+   W^T(pi > pi_ref) for T = sampling, BoN_N and WoN_N (the unbiased N-subset estimator) with
+   bootstrap intervals over prompts, and the sample KL with its by-prompt standard error;
 4. predict: the analytic tool's win rate of the same transform at the measured KL;
 5. report: a markdown table, a JSON file and a plot in the run directory.
 With `betas` or `sweep_kls` set, step 2 trains every method once per sweep point at a fixed beta
@@ -65,6 +66,11 @@ class CompareConfig:
     samples_per_prompt: int = 4
     max_new_tokens: int = 24
     learning_rate: float = 1e-5
+    warmup_steps: int | None = None
+    """Linear learning-rate warmup (optimizer updates) of every method; unset = 10% of steps, at
+    least 1: the first updates from pi_ref rest on one batch's advantages and on Adam moments of
+    a single gradient, and a full-rate first step can move the policy far past the KL target.
+    (The schedule starts at rate 0, so the first update only primes Adam's moments.)"""
     beta: float = 0.1
     """Initial KL weight (adapted towards target_kl)."""
     target_kl: float | None = 1.0
@@ -102,8 +108,23 @@ class CompareConfig:
             bad = [v for v in getattr(self, name) if not v > 0]
             if bad:
                 raise ValueError(f"every {name} value must be positive (got {bad[0]}); e.g. 0.25 0.5 1.0")
+        top = max(self.eval_ns + (self.deploy_n,))
+        if self.eval_samples < top:
+            raise ValueError(f"eval_samples ({self.eval_samples}) must be at least the largest N of "
+                             f"eval_ns and deploy_n ({top}): the unbiased best-/worst-of-N win rate "
+                             "draws N distinct samples per side; raise eval_samples or lower N")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps}); or leave it unset "
+                             "for 10% of steps")
         self.ctrl_config("ctrl" if "ctrl" in self.methods else self.methods[0]).validate()
         return self
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """warmup_steps, or 10% of steps (at least 1) when unset."""
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return max(1, round(0.1 * self.steps))
 
     @property
     def is_sweep(self) -> bool:
@@ -119,7 +140,8 @@ class CompareConfig:
             procedure=self.procedure, deploy_n=self.deploy_n, beta=beta if fixed else self.beta,
             target_kl=None if fixed else self.target_kl, kl_controller_gain=self.kl_controller_gain,
             samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
-            steps=self.steps, learning_rate=self.learning_rate, lora_rank=self.lora_rank,
+            steps=self.steps, learning_rate=self.learning_rate,
+            warmup_steps=self.resolved_warmup_steps, lora_rank=self.lora_rank,
             max_new_tokens=self.max_new_tokens, seed=self.seed,
         )
 
@@ -142,18 +164,21 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
 
     prompts = list(eval_pool.prompts)
     per = samples_per_call(cfg.eval_samples, len(prompts))
-    scores, logp, ref_logp, masks = [], [], [], []
+    scores, logp, ref_logp, masks, prompt_ids = [], [], [], [], []
     for r in range(cfg.eval_samples // per):
         out = sample(policy, prompts, max_new_tokens=cfg.max_new_tokens, n=per,
                      key=jax.random.fold_in(key, r), tokenizer=tokenizer, ref_model=reference)
         rep = [p for p in prompts for _ in range(per)]
+        prompt_ids.append(np.repeat(np.arange(len(prompts)), per))  # each call: prompt-major rows
         scores.append(np.asarray(reward.score(rep, list(out.texts)), np.float32).reshape(len(prompts), per))
         lengths = np.asarray(out.lengths)
         masks.append(np.arange(out.tokens.shape[1])[None, :] < lengths[:, None])
         logp.append(np.asarray(out.raw_logprobs))
         ref_logp.append(np.asarray(out.ref_logprobs))
     policy_scores = np.concatenate(scores, axis=1)
-    kl, kl_se = sample_kl(np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks))
+    # Samples of one prompt share its KL level: the SE clusters by prompt.
+    kl, kl_se = sample_kl(np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks),
+                          prompt_ids=np.concatenate(prompt_ids))
     result = {"kl": kl, "kl_se": kl_se, "mean_reward": float(policy_scores.mean()), "win_rates": {}}
     for proc in ("sampling", "bon", "won"):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
@@ -270,7 +295,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) 
             log(f"train {name}: transform {mcfg.transform}"
                 + (f" (t = {trainer.t:.3g})" if trainer.t else "") + f", beta {mcfg.beta:.3g}"
                 + (" fixed" if mcfg.target_kl is None else f" adapted to KL {mcfg.target_kl}")
-                + f", {mcfg.steps} steps")
+                + f", {mcfg.steps} steps ({mcfg.warmup_steps} warmup)")
             for _ in ctx.progress(range(mcfg.steps), desc=f"train {name}"):
                 res = trainer.train_step()
                 ctx.log(trainer.step, **{f"{name}/{k}": v for k, v in res.metrics.items()})
