@@ -121,6 +121,15 @@ def test_same_policy_wins_half_under_every_procedure_and_estimator():
     for proc, n in [("sampling", 1), ("bon", 4), ("won", 4), ("bon", 8)]:
         for est in ("unbiased", "plugin"):
             assert inference_time_win_rate(x, x, proc, n, est) == pytest.approx(0.5, abs=1e-12)
+    # The reference against itself is a sanity row of the reports: exactly 1/2 (integer subset
+    # counts, one rounding) at the sizes the experiments use, and within 1e-15 beyond them.
+    for m, n in [(8, 4), (16, 8), (32, 8), (64, 8)]:
+        y = rng.normal(size=(20, m)).round(1)
+        for proc in ("bon", "won"):
+            got = per_prompt_win_rates(y, y, proc, n)
+            if m <= 32:
+                assert np.all(got == 0.5), (m, n, proc)
+            np.testing.assert_allclose(got, 0.5, rtol=0, atol=1e-15)
 
 
 def test_bootstrap_interval_covers_the_true_value_at_its_nominal_rate():

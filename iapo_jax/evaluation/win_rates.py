@@ -50,21 +50,26 @@ def _check(procedure: str, n: int, estimator: str) -> None:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
 
 
-def served_rank_weights(num_samples: int, procedure: str, n: int) -> np.ndarray:
-    """P(the served response is the j-th smallest of `num_samples` sorted ones), j = 1..num_samples,
-    when T takes the max (bon) / min (won) of a uniformly random n-subset without replacement."""
+def _served_rank_counts(num_samples: int, procedure: str, n: int) -> tuple[np.ndarray, int]:
+    """(c_j, C): of the C = C(num_samples, n) n-subsets, c_j have the j-th smallest sample as
+    their max (bon) / min (won); plain sampling is c_j = 1 of C = num_samples."""
     if procedure == "sampling" or n == 1:
-        return np.full(num_samples, 1.0 / num_samples)
+        return np.ones(num_samples, dtype=object), num_samples
     if num_samples < n:
         raise ValueError(
             f"the unbiased {procedure} win rate at N={n} needs at least N samples per prompt on each "
             f"side, got {num_samples}; draw more samples, lower N, or pass estimator='plugin' "
             "(biased towards 1/2)")
-    total = math.comb(num_samples, n)
     j = np.arange(1, num_samples + 1)
-    ranks = j - 1 if procedure == "bon" else num_samples - j  # values below / above the j-th
-    # Exact integer ratios: C(n_a, N) overflows float64 long before the ratio loses precision.
-    return np.array([math.comb(int(r), n - 1) / total for r in ranks], np.float64)
+    ranks = j - 1 if procedure == "bon" else num_samples - j  # samples below / above the j-th
+    return np.array([math.comb(int(r), n - 1) for r in ranks], dtype=object), math.comb(num_samples, n)
+
+
+def served_rank_weights(num_samples: int, procedure: str, n: int) -> np.ndarray:
+    """P(the served response is the j-th smallest of `num_samples` sorted ones), j = 1..num_samples,
+    when T takes the max (bon) / min (won) of a uniformly random n-subset without replacement."""
+    counts, total = _served_rank_counts(num_samples, procedure, n)
+    return np.array([c / total for c in counts], np.float64)  # exact integer ratios
 
 
 def _served_pmf(values: np.ndarray, support: np.ndarray, procedure: str, n: int) -> np.ndarray:
@@ -91,8 +96,18 @@ def _plugin(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarray:
 
 
 def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarray:
-    wa = served_rank_weights(a.shape[1], procedure, n)
-    wb = served_rank_weights(b.shape[1], procedure, n)
+    ca, total_a = _served_rank_counts(a.shape[1], procedure, n)
+    cb, total_b = _served_rank_counts(b.shape[1], procedure, n)
+    # With integer subset counts and 2h in {0, 1, 2}, every partial sum is an integer; below 2^53
+    # float64 adds them exactly and the one division rounds once, so a policy against itself
+    # gives exactly 1/2. Larger counts fall back to probabilities (error ~1e-16).
+    denom = 2 * total_a * total_b
+    if denom < 2**53:
+        wa, wb, scale = ca.astype(np.float64), cb.astype(np.float64), float(denom)
+    else:
+        wa = np.array([c / total_a for c in ca], np.float64)
+        wb = np.array([c / total_b for c in cb], np.float64)
+        scale = 2.0
     a, b = np.sort(a, axis=1), np.sort(b, axis=1)
     # Weights attach to sorted positions, so tied values simply share their mass: the comparison
     # below depends only on the values. Chunks bound the [rows, n_a, n_b] comparison array.
@@ -100,8 +115,8 @@ def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarra
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], rows):
         x, y = a[s:s + rows, :, None], b[s:s + rows, None, :]
-        h = (x > y) + 0.5 * (x == y)
-        out[s:s + rows] = np.einsum("j,pjk,k->p", wa, h, wb)
+        twice_h = 2.0 * (x > y) + (x == y)
+        out[s:s + rows] = np.einsum("j,pjk,k->p", wa, twice_h, wb) / scale
     return out
 
 
