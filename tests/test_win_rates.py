@@ -148,6 +148,9 @@ def test_bootstrap_interval_covers_the_true_value_at_its_nominal_rate():
 def test_bootstrap_is_reproducible_with_its_seed():
     policy, ref = _power_law_replicates(1.0, 16, 8, seed=2)
     assert bootstrap_win_rate(policy, ref, "bon", 4, seed=3) == bootstrap_win_rate(policy, ref, "bon", 4, seed=3)
+    # the record says which estimator made the number
+    assert bootstrap_win_rate(policy, ref, "bon", 4).as_dict()["estimator"] == "unbiased"
+    assert bootstrap_win_rate(policy, ref, "bon", 4, estimator="plugin").estimator == "plugin"
 
 
 def test_paired_difference_of_two_methods_on_the_same_prompts():
