@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import signal
-import sys
-import threading
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -41,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iapo_jax.errors import IapoError
+from iapo_jax.runtime import signals
 from iapo_jax.runtime.jsonable import scalar_or_none, to_jsonable
 
 MODEL, OPT_STATE, META = "model", "opt_state", "meta"
@@ -155,6 +154,23 @@ def _compare(item: str, saved: dict, wanted: dict) -> list[str]:
     return problems
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """A short, readable cause for a checkpoint that cannot be read (orbax and TensorStore errors
+    carry pages of internal detail; the user needs to know only what kind of damage it is)."""
+    text = str(err)
+    lowered = text.lower()
+    if isinstance(err, json.JSONDecodeError) or "json" in lowered and "decode" in lowered:
+        return "its metadata is not valid JSON"
+    if isinstance(err, FileNotFoundError) or "not found" in lowered or "no such file" in lowered \
+            or "does not exist" in lowered or "missing" in lowered:
+        return "some of its files are missing"
+    if "tensorstore" in lowered or "out_of_range" in lowered or "data_loss" in lowered \
+            or "truncat" in lowered or "corrupt" in lowered:
+        return "its array data is truncated or corrupt"
+    first = " ".join(text.split())[:120]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 class Checkpointer:
     """Save and restore training state in ``directory``; see the module docstring.
 
@@ -220,33 +236,18 @@ class Checkpointer:
                 META: ocp.JsonCheckpointHandler(),
             },
         )
-        self._sigterm = threading.Event()
         self._stopping = False
-        self._previous_handler = None
-        if handle_sigterm:
-            self._install_sigterm_handler()
+        # The process-wide handler (runtime.signals): the first SIGTERM sets a flag this loop reads.
+        self._handles_sigterm = signals.install() if handle_sigterm else False
+        if self._handles_sigterm:
+            signals.defer(True)
 
     # -- preemption -----------------------------------------------------------------------------
-    def _install_sigterm_handler(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-            return
-
-        def on_sigterm(signum, frame):
-            if self._sigterm.is_set():  # a second notice: give up on the clean exit
-                signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
-                signal.raise_signal(signal.SIGTERM)
-                return
-            self._sigterm.set()
-            print("SIGTERM: a final checkpoint will be saved at the next step, then the run stops",
-                  file=sys.stderr, flush=True)
-
-        self._previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
     def preemption_requested(self, step: int) -> bool:
         """True once a SIGTERM arrived (or, with several processes, at JAX's preemption sync point)."""
         if jax.process_count() > 1:
             return bool(self._manager.reached_preemption(step))
-        return self._sigterm.is_set()
+        return bool(self._handles_sigterm) and signals.requested()
 
     @property
     def should_stop(self) -> bool:
@@ -303,9 +304,10 @@ class Checkpointer:
         After a preemption save, ``should_stop`` becomes True. Takes the same items as ``save``.
         """
         if self.preemption_requested(step):
-            if self._manager.latest_step() != int(step):
-                self.save(step, **items, force=True)
-            self.wait()  # the process is about to exit: the checkpoint must be complete
+            with signals.shield():  # a second notice must not cut the final save short
+                if self._manager.latest_step() != int(step):
+                    self.save(step, **items, force=True)
+                self.wait()  # the process is about to exit: the checkpoint must be complete
             self._stopping = True
             return True
         if self._manager.should_save(int(step)):
@@ -376,17 +378,17 @@ class Checkpointer:
             except IncompatibleCheckpointError:
                 raise
             except Exception as err:  # anything unreadable: partial, truncated, corrupt
-                first_line = str(err).splitlines()[0][:300] if str(err) else ""
-                reason = f"{type(err).__name__}: {first_line}"
+                reason = unreadable_reason(err)
                 if step is not None:
                     raise NoCheckpointError(
                         f"checkpoint step {step} in {self.directory} is unreadable ({reason}); "
                         "restore another step or the latest (step=None)"
                     ) from err
-                failures.append(f"step {candidate}: {reason}")
+                failures.append(candidate)
+                older = [c for c in candidates if c < candidate]
                 warnings.warn(
                     f"checkpoint step {candidate} in {self.directory} is unreadable ({reason}); "
-                    "falling back to the previous checkpoint",
+                    + (f"falling back to step {older[0]}" if older else "no older checkpoint"),
                     CheckpointFallbackWarning,
                     stacklevel=2,
                 )
@@ -401,8 +403,11 @@ class Checkpointer:
                 config=meta.get("config"),
                 meta=meta,
             )
+        steps = ", ".join(str(c) for c in failures)
         raise NoCheckpointError(
-            f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); start a new run"
+            f"every checkpoint in {self.directory} is unreadable (steps {steps}); nothing can be "
+            "resumed: start over in a new --run-dir without --resume (or delete that checkpoints "
+            "folder and rerun)"
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -411,15 +416,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves, release orbax resources and restore the previous SIGTERM handler."""
+        """Finish pending saves, release orbax resources and give back the SIGTERM handler."""
         self._manager.wait_until_finished()
         self._manager.close()
-        if self._previous_handler is not None:
-            try:
-                signal.signal(signal.SIGTERM, self._previous_handler)
-            except ValueError:  # not in the main thread anymore
-                pass
-            self._previous_handler = None
+        if self._handles_sigterm:
+            signals.defer(False)
+            signals.uninstall()
+            self._handles_sigterm = False
 
     def __enter__(self) -> "Checkpointer":
         return self

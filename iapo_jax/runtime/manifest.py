@@ -2,8 +2,9 @@
 
 A record holds the job name and its resolved config, the code version (git commit, a hash of
 uncommitted changes, a hash of the package source), package versions, Python, host, JAX backend,
-devices and mesh, the command line, seeds, data fingerprints, checkpoint steps, final metrics,
-timings and the run's status. Typical use (``commands.common.JobContext`` does all of this)::
+devices and mesh, the command line, seeds, data fingerprints, fingerprints of what the run read
+(model weights, reward, pools) and wrote (samples, exported policy), checkpoint steps, final
+metrics, timings and the run's status. Typical use (``commands.common.JobContext`` does all of this)::
 
     record = RunRecord(run_dir, job="ctrl", config=cfg)
     record.add_seed("seed", cfg.seed)
@@ -14,7 +15,9 @@ timings and the run's status. Typical use (``commands.common.JobContext`` does a
     record.finish("ok")            # writes manifest.json
 
 Writes are atomic (temporary file + ``os.replace``): a reader sees the previous or the new record,
-never half of one. Only process 0 writes; other processes keep an in-memory copy.
+never half of one. Only process 0 writes; other processes keep an in-memory copy. A record that is
+``held`` (a resumed run before it has saved anything new) is not written at all, so the previous
+record stays byte for byte as it was until the new state is valid.
 """
 
 from __future__ import annotations
@@ -63,10 +66,20 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -123,6 +136,7 @@ class RunRecord:
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / MANIFEST
+        self.held = False  # True: write() leaves manifest.json alone (see the module docstring)
         self._started = time.perf_counter()
         self.data: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
@@ -141,6 +155,7 @@ class RunRecord:
             "mesh": None,
             "seeds": {},
             "data": {},
+            "fingerprints": {},
             "checkpoints": [],
             "metrics": {},
             "timings": {},
@@ -189,6 +204,14 @@ class RunRecord:
         self.data["data"][name] = {"sha256": str(sha256), **to_jsonable(details)}
         return str(sha256)
 
+    def add_fingerprint(self, name: str, sha256: str, /, *, role: str, **details: Any) -> str:
+        """What the run read (``role="input"``: weights, reward, pool) or wrote (``"output"``)."""
+        if role not in ("input", "output"):
+            raise ValueError(f"add_fingerprint({name!r}): role must be 'input' or 'output'")
+        self.data["fingerprints"][name] = {"sha256": str(sha256), "role": role,
+                                           **to_jsonable(details)}
+        return str(sha256)
+
     def add_checkpoint(self, step: int) -> None:
         steps = self.data["checkpoints"]
         if int(step) not in steps:
@@ -231,7 +254,7 @@ class RunRecord:
 
     def write(self) -> Path:
         """Write manifest.json atomically (process 0 only; others return the path unchanged)."""
-        if _is_writer():
+        if _is_writer() and not self.held:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, self.data)
         return self.path
