@@ -3,7 +3,8 @@
 Jobs are imported only when asked for, so ``iapo --help`` is instant. Options of a job come from its
 config dataclass through tyro; ``--config file.yaml`` sets their defaults and flags override them.
 Exit codes: 0 ok, 1 internal error (with a traceback), 2 bad input (one line saying how to fix it),
-3 ``iapo reproduce`` found different numbers, 130 interrupted.
+3 ``iapo reproduce`` found a difference, 75 preempted (SIGTERM: the run stopped early and says how
+to continue; schedulers treat 75 as "try again"), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from typing import Annotated, Any, Sequence
 
 from iapo_jax.commands import JOBS, Job, is_available, load_job
 from iapo_jax.errors import IapoError
+from iapo_jax.runtime.signals import Preempted
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: not finished, not broken; continue it later
+EXIT_CODES = ("exit codes: 0 ok, 1 internal error, 2 bad input, 3 reproduce mismatch, "
+              "75 preempted (SIGTERM; the message says how to continue), 130 interrupted (Ctrl-C)")
 # Errors that mean "the input was wrong", reported on one line without a traceback.
 USER_ERRORS = (IapoError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                FileExistsError, PermissionError)
@@ -33,14 +38,16 @@ class UsageError(IapoError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CommonOptions:
-    """Options every job takes (parsed before the job's own)."""
+    """Options the jobs take (parsed before the job's own); see ``job_option_groups``."""
 
     config: Path | None = None
     """YAML file whose values become this job's defaults (command-line flags still override)."""
     run_dir: Path | None = None
-    """Folder for the run record, metrics and checkpoints (default: runs/<job>-<date>-<time>)."""
+    """Folder for the run record, metrics and outputs: a new or empty folder (default:
+    runs/<job>-<date>-<time>)."""
     resume: bool = False
-    """Continue the run in --run-dir from its latest checkpoint."""
+    """Jobs that checkpoint (ctrl, train-rm, train-scorer): continue the run in --run-dir from its
+    latest checkpoint, with the settings of its record (ctrl: only --steps may change)."""
     coordinator: str | None = None
     """Multi-process runs: HOST:PORT of process 0 (or IAPO_COORDINATOR; automatic on TPU pods)."""
     num_processes: int | None = None
@@ -49,13 +56,48 @@ class CommonOptions:
     """Multi-process runs: this process's index (or IAPO_PROCESS_ID)."""
 
 
+RESUME_FLAGS = ("resume",)
+DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
+
+
+def job_option_names(module: Any) -> tuple[str, ...]:
+    """The CommonOptions a job takes: --resume only where it checkpoints, the multi-process flags
+    only where it can run on several processes."""
+    from iapo_jax.commands.resume import is_resumable
+
+    names = [f.name for f in dataclasses.fields(CommonOptions)]
+    if not is_resumable(module):
+        names = [n for n in names if n not in RESUME_FLAGS]
+    if getattr(module, "SINGLE_PROCESS", False):
+        names = [n for n in names if n not in DISTRIBUTED_FLAGS]
+    return tuple(names)
+
+
+def _options_type(names: tuple[str, ...]) -> type:
+    """A dataclass of the given CommonOptions fields (for the job's help), docs kept."""
+    import typing
+
+    import tyro
+
+    hints = typing.get_type_hints(CommonOptions)
+    defaults = {f.name: f.default for f in dataclasses.fields(CommonOptions)}
+    docs = _field_docs()
+    spec = [(n, Annotated[hints[n], tyro.conf.arg(help=" ".join(docs.get(n, "").split()))],
+             dataclasses.field(default=defaults[n])) for n in names]
+    return dataclasses.make_dataclass("Options", spec, frozen=True)
+
+
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit; we want one line
         raise UsageError(message)
 
 
-def split_common_options(args: Sequence[str]) -> tuple[CommonOptions, list[str]]:
-    """Take the common options out of ``args``; the rest belongs to the job."""
+def split_common_options(args: Sequence[str], module: Any = None
+                         ) -> tuple[CommonOptions, list[str]]:
+    """Take the common options out of ``args``; the rest belongs to the job.
+
+    With the job's ``module``, options it does not take are refused with the reason.
+    """
     parser = _RaisingParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--config", type=Path)
     parser.add_argument("--run-dir", type=Path)
@@ -64,7 +106,18 @@ def split_common_options(args: Sequence[str]) -> tuple[CommonOptions, list[str]]
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     known, rest = parser.parse_known_args(list(args))
-    return CommonOptions(**vars(known)), rest
+    common = CommonOptions(**vars(known))
+    if module is not None:
+        allowed = job_option_names(module)
+        job = module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+        if common.resume and "resume" not in allowed:
+            raise UsageError(f"`iapo {job}` saves no checkpoints, so it has no --resume; run it "
+                             "again into a new --run-dir")
+        given = [n for n in DISTRIBUTED_FLAGS if getattr(common, n) is not None]
+        if given and DISTRIBUTED_FLAGS[0] not in allowed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise UsageError(f"`iapo {job}` runs in a single process; drop {flags}")
+    return common, rest
 
 
 def top_help() -> str:
@@ -79,12 +132,12 @@ def top_help() -> str:
     for name, summary in JOBS.items():
         missing = "" if is_available(name) else "  [not in this version yet]"
         lines.append(f"  {name.ljust(width)}{summary}{missing}")
-    lines += ["", "options every job takes:"]
+    lines += ["", "options of the jobs:"]
     for f in dataclasses.fields(CommonOptions):
         flag = "--" + f.name.replace("_", "-")
         doc = " ".join((_field_docs().get(f.name) or "").split())
         lines.append(f"  {flag.ljust(17)}{doc}")
-    lines += ["", "exit codes: 0 ok, 1 internal error, 2 bad input, 3 reproduce mismatch"]
+    lines += ["", EXIT_CODES]
     return "\n".join(lines)
 
 
@@ -129,7 +182,21 @@ def _one_line_from_tyro(text: str) -> str:
     return " ".join(blocks[0]) if blocks else title or "invalid arguments"
 
 
-def _parse_job_config(job: Job, args: list[str], common: CommonOptions) -> Any:
+def _description(job: Job) -> str:
+    from iapo_jax.commands.resume import is_resumable
+
+    text = (job.config_type.__doc__ or job.summary).rstrip()
+    if is_resumable(job.module):
+        return (f"{text}\n\nPreemption: SIGTERM saves a checkpoint at the next step and exits "
+                f"with status {EXIT_PREEMPTED}; `--run-dir RUN --resume` continues the recorded "
+                f"run exactly.\n{EXIT_CODES}")
+    return f"{text}\n\n{EXIT_CODES}"
+
+
+def _parse_job_config(job: Job, args: list[str], common: CommonOptions,
+                      recorded: dict | None = None) -> Any:
+    """The job's config from its flags; defaults from ``recorded`` (a resumed run's record) and
+    then --config, so flags given on a resume are the only changes."""
     import tyro
 
     from iapo_jax.commands.configs import config_from_mapping, load_yaml
@@ -141,14 +208,18 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions) -> Any:
         if common.config is not None:
             raise UsageError(f"--config is not supported by `{prog}`; pass options as flags")
     else:
-        mapping = load_yaml(common.config) if common.config is not None else {}
+        mapping = dict(recorded or {})
+        if common.config is not None:
+            mapping.update(load_yaml(common.config))
         default = config_from_mapping(cls, mapping, partial=True)
-        # Show the common options in the job's help; they were already taken out of ``args``.
+        # Show the job's common options in its help; they were already taken out of ``args``.
+        names = job_option_names(job.module)
+        options = _options_type(names)
         target = dataclasses.make_dataclass(
             "Invocation",
             [("job", Annotated[cls, tyro.conf.arg(name="")], dataclasses.field(default=default)),
-             ("common", Annotated[CommonOptions, tyro.conf.arg(name="")],
-              dataclasses.field(default=common))],
+             ("common", Annotated[options, tyro.conf.arg(name="")],
+              dataclasses.field(default=options(**{n: getattr(common, n) for n in names})))],
             frozen=True,
         )
         target.__doc__ = cls.__doc__ or job.summary
@@ -157,7 +228,7 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions) -> Any:
     try:
         with contextlib.redirect_stderr(captured):
             parsed = tyro.cli(target, args=args, prog=prog, default=default,
-                              description=(cls.__doc__ or job.summary))
+                              description=_description(job))
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
@@ -169,20 +240,47 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions) -> Any:
 
 
 def _run(name: str, args: list[str]) -> int:
+    from iapo_jax.commands import resume as resuming
     from iapo_jax.commands.common import run_job
     from iapo_jax.parallel.distributed import initialize_distributed
 
     job = load_job(name)
-    common, job_args = split_common_options(args)
-    cfg = _parse_job_config(job, job_args, common)
+    common, job_args = split_common_options(args, job.module)
+    previous = resuming.load_previous(name, common.run_dir) if common.resume else None
+    cfg = _parse_job_config(job, job_args, common, previous and previous["config"])
+    if previous is not None:
+        changes = resuming.check_changes(job.module, name, previous["config"], cfg)
+        if resuming.nothing_to_do(previous, changes):
+            print(resuming.noop_message(name, common.run_dir, previous, job.module), file=sys.stderr)
+            return EXIT_OK
     initialize_distributed(common.coordinator, common.num_processes, common.process_id)
     if getattr(job.module, "MANAGES_RUN_DIR", False):
-        if common.resume:
-            raise UsageError(f"`iapo {name}` does not take --resume")
         job.run(cfg, run_dir=common.run_dir)
-    else:
-        run_job(job, cfg, run_dir=common.run_dir, resume=common.resume, argv=["iapo", name, *args])
+        return EXIT_OK
+    ctx = run_job(job, cfg, run_dir=common.run_dir, resume=common.resume,
+                  argv=["iapo", name, *args])
+    if ctx.status == "preempted":
+        print(_stopped_message(name, "preempted", ctx.run_dir, ctx.record.data["checkpoints"]),
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     return EXIT_OK
+
+
+def _stopped_message(name: str, how: str, run_dir: Any, checkpoints: list[int] | None) -> str:
+    """What a stopped run says: where it is and how to continue it."""
+    from iapo_jax.commands import module_name
+    from iapo_jax.commands.resume import is_resumable
+
+    if run_dir is None:
+        return f"iapo {name}: {how}"
+    module = sys.modules.get(module_name(name))
+    if module is not None and is_resumable(module):
+        saved = (f"checkpoint of step {max(checkpoints)} saved" if checkpoints
+                 else "no checkpoint yet")
+        return (f"iapo {name}: {how} ({saved}); continue it with "
+                f"`iapo {name} --run-dir {run_dir} --resume`")
+    return (f"iapo {name}: {how}; the record in {run_dir} says so; this job saves no checkpoints, "
+            "so run it again into a new --run-dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,9 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(name, rest)
     except SystemExit as exit_:  # tyro's --help
         return int(exit_.code or 0)
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_stopped_message(name, "interrupted", getattr(err, "iapo_run_dir", None),
+                               getattr(err, "iapo_checkpoints", None)), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Preempted as err:
+        print(_stopped_message(name, "preempted", getattr(err, "iapo_run_dir", None),
+                               getattr(err, "iapo_checkpoints", None)), file=sys.stderr)
+        return EXIT_PREEMPTED
     except Exception as err:
         from iapo_jax.commands.reproduce import ReproduceMismatch
 

@@ -53,8 +53,40 @@ def test_top_level_help_does_not_import_jax():
 def test_job_help_documents_job_and_common_options(capsys):
     code, out, _ = run_cli(capsys, "env", "--help")
     assert code == 0
-    for flag in ("--seed", "--steps", "--lr", "--config", "--run-dir", "--resume", "--coordinator"):
+    for flag in ("--seed", "--steps", "--lr", "--config", "--run-dir", "--coordinator", "75"):
         assert flag in out
+    assert "--resume" not in out  # env saves no checkpoints
+
+
+@pytest.mark.parametrize("job, has_resume, has_coordinator", [
+    ("ctrl", True, True), ("train-rm", True, True), ("train-scorer", True, True),
+    ("generate", False, True), ("eval", False, True), ("calibrate", False, True),
+    ("theory", False, False), ("bench", False, False),
+])
+def test_only_jobs_that_checkpoint_list_resume(capsys, job, has_resume, has_coordinator):
+    code, out, _ = run_cli(capsys, job, "--help")
+    assert code == 0
+    assert ("--resume" in out) == has_resume
+    assert ("--coordinator" in out) == has_coordinator
+    if has_resume:
+        assert "75" in out and "--resume" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--resume", "--run-dir", "r"], ["iapo generate", "no --resume", "new --run-dir"]),
+    (["theory", "--resume", "--run-dir", "r"], ["iapo theory", "no --resume"]),
+    (["env", "--resume", "--run-dir", "r"], ["iapo env", "no --resume"]),
+    (["reproduce", "x", "--resume", "--run-dir", "r"], ["no --resume"]),
+    (["theory", "--coordinator", "h:1"], ["single process", "--coordinator"]),
+    (["bench", "--num-processes", "2"], ["single process", "--num-processes"]),
+])
+def test_jobs_refuse_options_they_do_not_take(capsys, in_tmp, args, words):
+    (in_tmp / "r").mkdir()
+    (in_tmp / "r" / "samples.jsonl").write_text("mine\n")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert_one_line_error(err, *words)
+    assert (in_tmp / "r" / "samples.jsonl").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +98,7 @@ def test_job_help_documents_job_and_common_options(capsys):
         (["env", "--run-dir"], ["--run-dir"]),
         (["nojob"], ["unknown job 'nojob'"]),
         (["reproduce", "not-a-run"], ["not-a-run", "does not exist"]),
-        (["env", "--resume", "--run-dir", "empty"], ["no manifest.json"]),
+        (["ctrl", "--resume", "--run-dir", "empty"], ["no manifest.json"]),
     ],
 )
 def test_user_errors_exit_2_with_one_line(capsys, in_tmp, args, words):
@@ -114,7 +146,43 @@ def test_default_run_dir_and_refusing_to_overwrite(capsys, in_tmp):
     assert run_dir.name.startswith("env-") and (run_dir / MANIFEST).is_file()
     code, _, err = run_cli(capsys, "env", "--run-dir", str(run_dir))
     assert code == 2
-    assert_one_line_error(err, "already holds a run", "--resume")
+    assert_one_line_error(err, "already holds a run", "new --run-dir")
+    assert "--resume" not in err  # env cannot resume
+
+
+@pytest.mark.parametrize("job_args", [["env", "--steps", "1"], ["theory", "--kl", "1"]])
+def test_a_folder_that_is_not_an_empty_run_directory_is_refused_untouched(capsys, in_tmp, job_args):
+    mine = in_tmp / "mine"
+    mine.mkdir()
+    (mine / "samples.jsonl").write_text("my own samples\n")
+    (mine / "metrics.jsonl").write_text("{}\n")
+    before = sorted((p.name, p.read_bytes()) for p in mine.iterdir())
+    code, _, err = run_cli(capsys, *job_args, "--run-dir", "mine")
+    assert code == 2
+    assert_one_line_error(err, "mine", "not empty", "new or empty folder")
+    assert sorted((p.name, p.read_bytes()) for p in mine.iterdir()) == before
+    (in_tmp / "afile").write_text("x")
+    code, _, err = run_cli(capsys, *job_args, "--run-dir", "afile")
+    assert code == 2
+    assert_one_line_error(err, "afile", "is a file")
+    assert (in_tmp / "afile").read_text() == "x"
+    (in_tmp / "empty").mkdir()
+    code, _, err = run_cli(capsys, *job_args, "--run-dir", "empty")
+    assert code == 0, err
+    assert (in_tmp / "empty" / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "--json", "."], ["--json", "is a folder"]),
+    (["bench", "--markdown", "afile/out.md"], ["--markdown", "afile is a file"]),
+    (["theory", "--kl", "1", "--plot", "afile/p.png"], ["--plot", "afile is a file"]),
+])
+def test_output_paths_are_checked_before_any_compute(capsys, in_tmp, args, words):
+    (in_tmp / "afile").write_text("x")
+    code, _, err = run_cli(capsys, *args, "--run-dir", "out")
+    assert code == 2
+    assert_one_line_error(err, *words)
+    assert not (in_tmp / "out").exists()
 
 
 def test_internal_errors_exit_1_and_are_recorded(capsys, in_tmp, monkeypatch):
@@ -143,7 +211,9 @@ def test_reproduce_round_trip_and_mismatch(capsys, in_tmp):
     assert rerun["metrics"] == original["metrics"]  # same machine: exact
     assert rerun["extra"]["reproduces"] == "orig"
     assert rerun["extra"]["reproduction"]["mismatches"] == 0
-    assert rerun["extra"]["reproduction"]["checks"] == 3  # 2 final metrics + the loss series
+    # 2 final metrics + the loss series + fingerprints of the synthetic data (read) and weights (made)
+    assert rerun["extra"]["reproduction"]["checks"] == 5
+    assert rerun["fingerprints"]["weights"]["role"] == "output"
     assert "exact" in err and "MISMATCH" not in err
 
     # Tamper with the record: the rerun must now disagree and exit 3.
@@ -151,10 +221,34 @@ def test_reproduce_round_trip_and_mismatch(capsys, in_tmp):
     (in_tmp / "orig" / MANIFEST).write_text(json.dumps(original))
     code, _, err = run_cli(capsys, "reproduce", "orig", "--run-dir", "third")
     assert code == 3
-    assert "MISMATCH" in err and "1 of 3 metrics differ" in err
+    assert "MISMATCH" in err and "1 of 5 checks differ" in err and "first: final_loss" in err
     code, _, err = run_cli(capsys, "reproduce", "orig", "--run-dir", "fourth", "--ignore", "final_*")
     assert code == 0, err
-    assert load_record(in_tmp / "fourth")["extra"]["reproduction"]["checks"] == 2
+    assert load_record(in_tmp / "fourth")["extra"]["reproduction"]["checks"] == 4
+
+    # Other output with the same numbers (a changed weights file): named, even though every
+    # metric matches.
+    original["metrics"]["final_loss"] = rerun["metrics"]["final_loss"]
+    original["fingerprints"]["weights"]["sha256"] = "0" * 64
+    (in_tmp / "orig" / MANIFEST).write_text(json.dumps(original))
+    code, _, err = run_cli(capsys, "reproduce", "orig", "--run-dir", "fifth")
+    assert code == 3
+    assert "1 of 5 checks differ" in err and "first: fingerprint weights (output)" in err
+
+
+def test_reproduce_names_the_first_diverging_step(capsys, in_tmp):
+    code, _, err = run_cli(capsys, "env", "--steps", "4", "--run-dir", "orig")
+    assert code == 0, err
+    lines = (in_tmp / "orig" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows[2:]:
+        row["loss"] += 1.0
+    (in_tmp / "orig" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(capsys, "reproduce", "orig", "--run-dir", "again")
+    assert code == 3
+    assert "diverges at step 2 (loss)" in err
+    step = load_record(in_tmp / "again")["extra"]["reproduction"]["first_diverging_step"]
+    assert step == {"step": 2, "metric": "loss"}
 
 
 def test_reproduce_across_machines_uses_the_tolerance(capsys, in_tmp):

@@ -17,6 +17,11 @@ which reuses the CLI's context or opens its own::
 
 On exit the record gets status, metrics, timings and checkpoint steps, and process 0 prints a
 summary table (to stderr, so stdout stays free for a job's own output).
+
+What is saved is never lost: a new run refuses a folder that holds anything, and a resumed run
+leaves the previous record untouched until it has saved new state (a checkpoint or its result).
+SIGTERM stops the run at a step boundary (see ``runtime.signals``) and the record says
+"preempted"; nothing that happens while the record is written can leave it at "running".
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from iapo_jax.errors import IapoError
+from iapo_jax.runtime import signals
 from iapo_jax.runtime.jsonable import flatten_scalars
-from iapo_jax.runtime.manifest import MANIFEST, RunRecord, load_record
+from iapo_jax.runtime.manifest import MANIFEST, RunRecord
 
 RUNS_ROOT = Path("runs")
 CHECKPOINT_DIR = "checkpoints"
@@ -43,6 +49,28 @@ _current: contextvars.ContextVar["JobContext | None"] = contextvars.ContextVar("
 
 class RunDirError(IapoError, ValueError):
     """The run directory cannot be used as asked (already used, or missing when resuming)."""
+
+
+def check_new_run_dir(path: Path, *, resumable: bool = True) -> None:
+    """A new run goes into a folder that does not exist yet or is empty; anything else is refused
+    before a byte is written, so nobody's files (or an earlier run) are overwritten."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--run-dir {path} is a file, not a folder; pass a new folder name")
+    if (path / MANIFEST).exists():
+        fix = "pass --resume to continue it or choose" if resumable else "choose"
+        raise RunDirError(f"{path} already holds a run; {fix} a new --run-dir")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise RunDirError(f"--run-dir {path} is not empty (it holds {shown}) and is not a run "
+                              "directory; pass a new or empty folder (nothing in it was touched)")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
+        raise RunDirError(f"cannot create --run-dir {path}: {ancestor} is not a writable folder; "
+                          "choose a folder you can write to")
 
 
 def current_context() -> "JobContext | None":
@@ -89,8 +117,10 @@ class JobContext:
     """
 
     def __init__(self, job: str, config: Any, run_dir: str | Path | None = None, *,
-                 resume: bool = False, argv: list[str] | None = None, tensorboard: bool = True):
+                 resume: bool = False, argv: list[str] | None = None, tensorboard: bool = True,
+                 resumable: bool = True):
         self.job = job
+        self.resumable = resumable
         self.config = config
         self.resume = resume
         self._requested_dir = None if run_dir is None else Path(run_dir)
@@ -100,30 +130,24 @@ class JobContext:
         self._final: dict[str, Any] = {}
         self._token = None
         self._previous: dict[str, Any] | None = None
+        self._complete = False
+        self._signals = False
+        self.status = "running"
         self.run_dir: Path = Path()
         self.record: RunRecord
         self.metrics: Any
 
     # -- entering and leaving -------------------------------------------------------------------
     def _prepare_run_dir(self) -> Path:
+        from iapo_jax.commands.resume import load_previous
+
         requested = self._requested_dir
         if self.resume:
-            if requested is None:
-                raise RunDirError("--resume needs --run-dir PATH naming the run to continue")
-            self._previous = load_record(requested)  # MissingRecordError says how to fix it
-            if self._previous.get("job") != self.job:
-                raise RunDirError(
-                    f"{requested} holds a {self._previous.get('job')!r} run, not {self.job!r}; "
-                    f"resume it with `iapo {self._previous.get('job')}`"
-                )
+            self._previous = load_previous(self.job, requested)  # says how to fix it
             return requested
         if requested is None:
-            requested = _agree_across_processes(new_run_dir(self.job))
-        elif (requested / MANIFEST).exists():
-            raise RunDirError(
-                f"{requested} already holds a run; pass --resume to continue it or choose a new "
-                "--run-dir"
-            )
+            return _agree_across_processes(new_run_dir(self.job))
+        check_new_run_dir(requested, resumable=self.resumable)
         return requested
 
     def __enter__(self) -> "JobContext":
@@ -137,6 +161,8 @@ class JobContext:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record = RunRecord(self.run_dir, self.job, self.config, argv=self._argv)
         if self._previous is not None:
+            # Until this attempt has saved something new, the previous record is the truth.
+            self.record.held = True
             attempts = list(self._previous.get("extra", {}).get("attempts", []))
             attempts.append({k: self._previous.get(k) for k in ("started", "finished", "status")})
             self.record.set_extra("attempts", attempts)
@@ -148,28 +174,50 @@ class JobContext:
                 self.record.add_seed(name, value)
         self.metrics = MetricsWriter(self.run_dir, tensorboard=self._tensorboard)
         self.record.write()
+        self._signals = signals.install()
         self._token = _current.set(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        with signals.shield():  # no signal may leave the record at "running"
+            self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
         _current.reset(self._token)
-        status = "ok"
-        for ckpt in self._checkpointers:
-            with contextlib.suppress(Exception):
-                if ckpt.should_stop:
-                    status = "preempted"
-                ckpt.close()
-        if exc is not None:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        self.metrics.close()
-        if self._rejected_input(exc):
-            # Bad input caught before any result existed: leave no run directory behind.
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            return
-        self.record.set_metrics(self._final)
-        self.record.finish(status, error=exc)
-        if exc is None and self.is_main:
-            self.print_summary()
+        stopped = False
+        try:
+            for ckpt in self._checkpointers:
+                with contextlib.suppress(Exception):
+                    stopped = stopped or ckpt.should_stop
+                    ckpt.close()
+            status = "preempted" if stopped and not self._complete else "ok"
+            if isinstance(exc, signals.Preempted):
+                status = "preempted"
+            elif isinstance(exc, KeyboardInterrupt):
+                status = "interrupted"
+            elif exc is not None:
+                status = "failed"
+            self.status = status
+            if exc is not None:
+                # What the CLI needs to say how to continue (the exception is all it gets).
+                with contextlib.suppress(AttributeError):
+                    exc.iapo_run_dir = self.run_dir  # type: ignore[attr-defined]
+                    exc.iapo_checkpoints = list(self.record.data["checkpoints"])  # type: ignore
+            self.metrics.close()
+            if self._rejected_input(exc):
+                # Bad input caught before any result existed: leave no run directory behind.
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                return
+            if status == "ok":
+                self.record.held = False  # a finished result is new, valid state
+            self.record.set_metrics(self._final)
+            self.record.finish(status, error=exc)
+            if status == "ok" and self.is_main:
+                self.print_summary()
+        finally:
+            if self._signals:
+                signals.uninstall()
+                self._signals = False
 
     def _rejected_input(self, exc: BaseException | None) -> bool:
         if not (isinstance(exc, (IapoError, ValueError)) and self.is_main and self._created_dir):
@@ -230,7 +278,62 @@ class JobContext:
 
     def _on_checkpoint(self, step: int) -> None:
         self.record.add_checkpoint(step)
+        self.record.held = False  # new state exists: from here on the record describes it
         self.record.write()  # a preempted run's record still lists its last checkpoint
+
+    def mark_complete(self) -> None:
+        """The job reached its end: a preemption notice that came during the last step does not
+        make it "preempted"."""
+        self._complete = True
+
+    def stop_if_preempted(self, save: Any, step: int) -> None:
+        """After a training step: on a preemption notice, checkpoint with ``save()`` and stop
+        (raises ``Preempted``), for loops that save through their own trainer."""
+        if not signals.requested():
+            return
+        with signals.shield():
+            save()
+            for ckpt in self._checkpointers:
+                ckpt.wait()
+        raise signals.Preempted(f"preempted at step {step}")
+
+    # -- fingerprints of what the run read and wrote ---------------------------------------------
+    def fingerprint_model(self, name: str, source: Any) -> str:
+        """Content hash of a model's weights (streamed), so a replaced checkpoint is noticed."""
+        from iapo_jax.runtime.fingerprints import model_fingerprint
+
+        with self.timer("fingerprints"):
+            info = model_fingerprint(source)
+        return self.record.add_fingerprint(name, info.pop("sha256"), role="input", **info)
+
+    def fingerprint_reward(self, name: str, reward: str, options: Mapping[str, Any] | None = None
+                           ) -> str:
+        """A reward or scorer by name, options and the files an option points to."""
+        from iapo_jax.runtime.fingerprints import reward_fingerprint
+
+        with self.timer("fingerprints"):
+            info = reward_fingerprint(reward, options)
+        return self.record.add_fingerprint(name, info.pop("sha256"), role="input", **info)
+
+    def fingerprint_input(self, name: str, path: Any) -> str:
+        """A file or folder the run read (a trained scorer, a pool folder)."""
+        from iapo_jax.runtime.fingerprints import path_fingerprint
+
+        with self.timer("fingerprints"):
+            digest = path_fingerprint(path)
+        return self.record.add_fingerprint(name, digest, role="input", path=str(path))
+
+    def fingerprint_output(self, name: str, path: Any = None, *, sha256: str | None = None) -> str | None:
+        """A file or folder the run wrote (relative to the run directory), or a precomputed hash."""
+        from iapo_jax.runtime.fingerprints import tree_fingerprint
+
+        if sha256 is None:
+            target = self.run_dir / path
+            if not target.exists():  # written by process 0 only
+                return None
+            sha256 = tree_fingerprint(target)
+        details = {"path": str(path)} if path is not None else {}
+        return self.record.add_fingerprint(name, sha256, role="output", **details)
 
     def set_result(self, metrics: Mapping[str, Any]) -> None:
         """Final metrics (numeric leaves, nested keys joined with '.')."""
@@ -266,9 +369,13 @@ def run_job(job: Any, config: Any, *, run_dir: str | Path | None = None, resume:
             argv: list[str] | None = None, extra: Mapping[str, Any] | None = None) -> JobContext:
     """Run ``job`` (a ``commands.Job``) with ``config`` inside a JobContext; returns the context.
 
-    The numbers in the dict ``job.run`` returns become the record's final metrics.
+    The numbers in the dict ``job.run`` returns become the record's final metrics; ``ctx.status``
+    says how it ended ("ok" or "preempted"; other endings raise).
     """
-    with JobContext(job.name, config, run_dir, resume=resume, argv=argv) as ctx:
+    from iapo_jax.commands.resume import is_resumable
+
+    with JobContext(job.name, config, run_dir, resume=resume, argv=argv,
+                    resumable=is_resumable(job.module)) as ctx:
         for key, value in (extra or {}).items():
             ctx.record.set_extra(key, value)
         result = job.run(config)

@@ -1,0 +1,105 @@
+"""``--resume``: continue the run recorded in ``--run-dir``, with the config from its record.
+
+Only jobs that checkpoint (module attribute ``RESUMABLE = True``) resume. The record's config is
+the starting point; flags given with ``--resume`` may change only the keys the job lists in
+``RESUME_SAFE`` (``steps`` may only grow), because anything else would make the continued run a
+different run. Every check here reads the record only, so a refusal costs no model load and
+leaves the record byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from iapo_jax.errors import IapoError
+
+
+class ResumeError(IapoError, ValueError):
+    """The run cannot be resumed as asked (another job, changed settings, not a run)."""
+
+
+def is_resumable(module: Any) -> bool:
+    return bool(getattr(module, "RESUMABLE", False))
+
+
+def safe_keys(module: Any) -> tuple[str, ...]:
+    return tuple(getattr(module, "RESUME_SAFE", ()))
+
+
+def load_previous(job: str, run_dir: Path | None) -> dict:
+    """The record a resume continues; ResumeError / MissingRecordError say what to pass instead."""
+    from iapo_jax.runtime.manifest import load_record
+
+    if run_dir is None:
+        raise ResumeError("--resume needs --run-dir PATH naming the run to continue")
+    record = load_record(run_dir)
+    if record.get("job") != job:
+        raise ResumeError(f"{run_dir} holds a {record.get('job')!r} run, not {job!r}; resume it "
+                          f"with `iapo {record.get('job')} --run-dir {run_dir} --resume`")
+    if not isinstance(record.get("config"), dict):
+        raise ResumeError(f"{run_dir}/manifest.json records no config, so the run cannot be "
+                          "continued; start a new run in a new --run-dir")
+    return record
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    from iapo_jax.runtime.jsonable import to_jsonable
+
+    value = to_jsonable(config)
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, item: Any) -> None:
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                walk(f"{prefix}{key}.", sub)
+        else:
+            out[prefix[:-1]] = item
+
+    walk("", value)
+    return out
+
+
+def changed_keys(recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
+    """key -> (recorded value, new value) for every setting that differs."""
+    old, new = _flat(recorded), _flat(config)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)}
+
+
+def check_changes(module: Any, job: str, recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
+    """Refuse a resume that changes anything but the job's safe keys; returns the changes."""
+    changes = changed_keys(recorded, config)
+    safe = safe_keys(module)
+    refused = {k: v for k, v in changes.items() if k not in safe}
+    if refused:
+        listed = "; ".join(f"--{k.replace('_', '-')} recorded {old!r}, now {new!r}"
+                           for k, (old, new) in refused.items())
+        allowed = (f" (only {', '.join('--' + k.replace('_', '-') for k in safe)} may change)"
+                   if safe else "")
+        raise ResumeError(f"--resume continues the recorded run, but these settings differ: "
+                          f"{listed}; drop those flags to continue it{allowed}, or start a new run "
+                          "in a new --run-dir")
+    if "steps" in changes:
+        old, new = changes["steps"]
+        if isinstance(old, int) and isinstance(new, int) and new < old:
+            raise ResumeError(f"--steps {new} is below the {old} steps the run was set to; "
+                              f"--steps can only grow on --resume (pass --steps {old} or more)")
+    return changes
+
+
+def nothing_to_do(record: dict, changes: dict) -> bool:
+    """A finished run resumed with its own settings: rerunning would only rewrite the same state."""
+    return record.get("status") == "ok" and not changes
+
+
+def noop_message(job: str, run_dir: Path, record: dict, module: Any) -> str:
+    steps = (record.get("config") or {}).get("steps")
+    more = (f"; pass --steps above {steps} to train on" if "steps" in safe_keys(module)
+            and isinstance(steps, int) else "")
+    return (f"iapo {job}: {run_dir} already finished"
+            + (f" all {steps} steps" if isinstance(steps, int) else "")
+            + f" with these settings; nothing to do, the record is unchanged{more}")
+
