@@ -22,6 +22,7 @@ from typing import Literal
 import tyro
 
 REPRODUCE_IGNORE = ("*",)  # every number here is a timing
+SINGLE_PROCESS = True  # timings of one process against transformers; no multi-process flags
 
 # PyTorch's OpenMP threads spin while waiting by default; on a CPU shared with other processes that
 # made transformers' generate up to ~25x slower in our measurements. Passive waiting is the fair
@@ -87,7 +88,10 @@ def run(cfg: BenchConfig) -> dict:
     from iapo_jax.bench.decode import run_decode_benchmark
     from iapo_jax.bench.report import tables
     from iapo_jax.bench.roofline import measure_machine
+    from iapo_jax.commands.job_inputs import check_output_file
 
+    check_output_file(cfg.json, "--json")  # before the benchmark, so its results are not lost
+    check_output_file(cfg.markdown, "--markdown")
     for name in ("num_prompts", "max_new_tokens", "repeats", "blockwise_k", "block_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")

@@ -113,6 +113,8 @@ def run(cfg: CalibrateConfig) -> dict:
         options = parse_key_values(cfg.reward_options, "--reward-options")
         reward = make_reward(cfg.reward, options)
         ctx.add_data("prompts", prompts, count=len(prompts))
+        ctx.fingerprint_model("model", source)
+        ctx.fingerprint_reward("reward", cfg.reward, options)
         with ctx.timer("load_model"):
             model, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
         mesh = decoding_mesh(cfg.data)
@@ -152,6 +154,7 @@ def run(cfg: CalibrateConfig) -> dict:
             ctx.add_data("reference_pool", path=pool_dir)
         fingerprint = pool.fingerprint()
         ctx.record.set_extra("pool", {"path": str(pool_dir), "fingerprint": fingerprint})
+        ctx.fingerprint_output("pool", POOL_DIR, sha256=fingerprint)  # content: prompts, responses, scores
         return {
             "prompts": pool.num_prompts,
             "samples_per_prompt": pool.num_samples,

@@ -14,4 +14,6 @@ def run(cfg: CompareConfig) -> dict:
 
     cfg.validate()
     with job_context("compare", cfg) as ctx:
+        ctx.fingerprint_model("model", cfg.model)
+        ctx.fingerprint_reward("reward", cfg.reward)
         return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr))

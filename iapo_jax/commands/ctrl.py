@@ -1,8 +1,9 @@
 """``iapo ctrl``: one KL-regularised RL run on Phi(calibrated reward), checkpointed and resumable.
 
-Calibration pools come from ``iapo calibrate`` (``--pool-dir``) or are sampled here first. SIGTERM
-(a preemption notice) writes a final checkpoint and exits cleanly; ``--resume --run-dir RUN``
-continues from the latest readable checkpoint and gives the same numbers as an uninterrupted run.
+Calibration pools come from ``iapo calibrate`` (``--pool-dir``, checked against this run's reward
+and sampling settings) or are sampled here first. SIGTERM (a preemption notice) writes a final
+checkpoint and exits with status 75; ``--resume --run-dir RUN`` continues the recorded run from its
+latest readable checkpoint and gives the same numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import sys
 
 from iapo_jax.alignment.ctrl_config import CTRLConfig
 from iapo_jax.commands.configs import MeshFlags
+from iapo_jax.commands.job_inputs import JobInputError
+
+RESUMABLE = True
+# The learning rate is constant after warmup, so more steps continue the same run exactly.
+RESUME_SAFE = ("steps",)
+LAST_METRICS = "last_metrics"  # kept in each checkpoint, so a resume that trains no step reports them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +45,89 @@ class CtrlJobConfig(CTRLConfig, MeshFlags):
     """Checkpoints to keep."""
 
 
+def check_config(cfg: CtrlJobConfig) -> None:
+    """Everything that needs no model, before any is loaded."""
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise JobInputError(str(err)) from None
+    if cfg.save_every < 1:
+        raise JobInputError(f"--save-every must be at least 1 (checkpoint every k steps), got "
+                            f"{cfg.save_every}")
+    if cfg.keep_last < 1:
+        raise JobInputError(f"--keep-last must be at least 1 (resuming needs the latest "
+                            f"checkpoint), got {cfg.keep_last}")
+    if cfg.probe_every < 0:
+        raise JobInputError(f"--probe-every must be >= 0 (0 = never), got {cfg.probe_every}")
+    if cfg.pool_dir is None and cfg.train_prompts < 1:
+        raise JobInputError(f"--train-prompts must be at least 1, got {cfg.train_prompts}")
+    if cfg.pool_dir is None and cfg.transform != "raw" and cfg.pool_size < 2:
+        raise JobInputError(f"--pool-size must be at least 2 (calibration ranks a response among "
+                            f"the reference samples of its prompt), got {cfg.pool_size}")
+    from iapo_jax.rewards.registry import available_rewards
+
+    if cfg.reward not in available_rewards():
+        raise JobInputError(f"unknown reward {cfg.reward!r}; choose one of "
+                            f"{', '.join(available_rewards())}")
+
+
+def check_pool(cfg: CtrlJobConfig, meta: dict, pool_dir) -> None:
+    """A pool calibrates this run only if it was scored and sampled as this run scores and samples
+    (the pool's meta, written by `iapo calibrate`)."""
+    wanted = {"reward": cfg.reward, "reward_options": {}, "max_new_tokens": cfg.max_new_tokens,
+              "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0}
+    for key, value in wanted.items():
+        if key not in meta or (key == "reward_options" and not meta[key]):
+            continue
+        if meta[key] != value:
+            flag = {"reward_options": "reward options", "top_k": "top-k", "top_p": "top-p"}.get(
+                key, "--" + key.replace("_", "-"))
+            raise JobInputError(
+                f"--pool-dir {pool_dir} was built with {key.replace('_', ' ')} {meta[key]!r} but "
+                f"this run uses {value!r}; calibration needs both scored and sampled alike: pass "
+                f"the matching {flag} or build a pool with `iapo calibrate`")
+    model = meta.get("model")
+    if model is not None and not _same_model(model, cfg.model):
+        raise JobInputError(f"--pool-dir {pool_dir} was sampled from model {model!r}, not "
+                            f"{cfg.model!r}; calibration ranks against the reference model's own "
+                            f"samples: pass --model {model!r} or build a pool with this model")
+
+
+def _same_model(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def run(cfg: CtrlJobConfig) -> dict:
     import jax
 
     import iapo_jax
     from iapo_jax.alignment.ctrl import CTRLTrainer
     from iapo_jax.commands.common import job_context
+    from iapo_jax.commands.eval import pool_directory
+    from iapo_jax.commands.job_inputs import resolve_model_source
     from iapo_jax.data.prompts import load_chat_prompts
     from iapo_jax.rewards import get_reward
     from iapo_jax.rewards.calibration import ReferencePool
     from iapo_jax.rewards.pools import sample_reference_pool
+    from iapo_jax.runtime import signals
 
-    cfg.validate()
+    check_config(cfg)
+    pool = None
+    if cfg.pool_dir:
+        pool_dir = pool_directory(cfg.pool_dir)
+        pool = ReferencePool.load(pool_dir)
+        check_pool(cfg, pool.meta, cfg.pool_dir)
+    resolve_model_source(cfg.model)  # a bad --model is a one-line error before anything runs
     reward = get_reward(cfg.reward)
-    pool = ReferencePool.load(cfg.pool_dir) if cfg.pool_dir else None
     with job_context("ctrl", cfg) as ctx:
         mesh = ctx.mesh(cfg)
+        ctx.fingerprint_model("model", cfg.model)
+        ctx.fingerprint_reward("reward", cfg.reward)
         reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
         tokenizer = iapo_jax.load_tokenizer(cfg.model)
         if pool is None and cfg.transform != "raw":
@@ -72,29 +146,39 @@ def run(cfg: CtrlJobConfig) -> dict:
         trainer = CTRLTrainer(cfg, policy, reference, tokenizer, reward, pool, prompts,
                               probe_prompts=prompts if cfg.probe_every else (), mesh=mesh)
         ckpt = ctx.checkpointer(keep_last=cfg.keep_last, save_every=cfg.save_every)
+        last = {}
         if ctx.resume and ckpt.latest_step() is not None:
             restored = ckpt.restore(model=trainer.trainable, opt_state=trainer.opt_state)
             trainer.restore(restored)
+            last = dict(restored.meta.get("extra", {}).get(LAST_METRICS) or {})
             print(f"resumed at step {trainer.step} from {ckpt.directory}", file=sys.stderr)
-        last = {}
+
+        def items() -> dict:
+            out = trainer.checkpoint_items()
+            out["extra"] = {**out.get("extra", {}), LAST_METRICS: last}
+            return out
+
         for _ in ctx.progress(range(trainer.step, cfg.steps), desc="ctrl", initial=trainer.step,
                               total=cfg.steps):
             result = trainer.train_step()
-            last = result.metrics
+            last = dict(result.metrics)
             if cfg.probe_every and trainer.step % cfg.probe_every == 0:
                 last["probe_win_rate"] = trainer.probe_win_rate()
             ctx.log(trainer.step, **last)
-            ckpt.maybe_save(trainer.step, **trainer.checkpoint_items(), config=cfg)
+            ckpt.maybe_save(trainer.step, **items(), config=cfg)
             if ckpt.should_stop:
-                print("preemption notice: final checkpoint written; resume with --resume",
-                      file=sys.stderr)
-                break
-        if trainer.step == cfg.steps and ckpt.latest_step() != cfg.steps:
-            ckpt.save(trainer.step, **trainer.checkpoint_items(), config=cfg)
-        ckpt.close()
-        if ctx.is_main and trainer.step == cfg.steps:
-            # The trained policy in HF format: `iapo eval --policy RUN_DIR` and transformers load it.
-            from iapo_jax.models.checkpoints import save_hf
+                break  # the CLI says how to resume and exits with the preemption status
+        with signals.shield():  # the final save and the export finish even if SIGTERM arrives now
+            if trainer.step >= cfg.steps:
+                ctx.mark_complete()
+                if ckpt.latest_step() != trainer.step:
+                    ckpt.save(trainer.step, **items(), config=cfg)
+            ckpt.close()
+            if ctx.is_main and trainer.step >= cfg.steps:
+                # The trained policy in HF format: `iapo eval --policy RUN_DIR` and transformers
+                # load it.
+                from iapo_jax.models.checkpoints import save_hf
 
-            save_hf(trainer.current_policy(), ctx.run_dir / "policy", tokenizer)
+                save_hf(trainer.current_policy(), ctx.run_dir / "policy", tokenizer)
+                ctx.fingerprint_output("policy", "policy")
         return {"step": trainer.step, "t": trainer.t or 0.0, **{k: v for k, v in last.items()}}

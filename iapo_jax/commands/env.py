@@ -42,6 +42,7 @@ def _loss(w, x, y):
 def run(cfg: EnvConfig) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from iapo_jax.commands.common import job_context
     from iapo_jax.parallel.mesh import make_mesh, replicated, shard_batch
@@ -70,6 +71,9 @@ def run(cfg: EnvConfig) -> dict:
                 w, loss = step(w, x, y)
                 ctx.log(i, loss=float(loss))
         final = float(_loss(w, x, y))
+        from iapo_jax.data.fingerprint import fingerprint
+
+        ctx.fingerprint_output("weights", sha256=fingerprint(np.asarray(jax.device_get(w))))
 
         if ctx.is_main:
             facts = ctx.record.data

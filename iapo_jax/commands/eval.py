@@ -186,6 +186,10 @@ def run(cfg: EvalConfig) -> dict:
             raise JobInputError(f"the pool's model {ref_source!r} cannot be loaded from here ({err}); "
                                 "pass --reference MODEL") from None
         reward = make_reward(s["reward"], s["reward_options"])
+        ctx.fingerprint_model("policy", policy_source)
+        if ref_source != policy_source:
+            ctx.fingerprint_model("reference", ref_source)
+        ctx.fingerprint_reward("reward", s["reward"], s["reward_options"])
         prompts = list(pool.prompts[:cfg.num_prompts])
         reference_scores = pool.scores[:len(prompts)]
 
@@ -260,6 +264,8 @@ def run(cfg: EvalConfig) -> dict:
             {"prompt_index": i // n, "prompt": prompts[i // n], "sample": i % n, "response": texts[i],
              "num_tokens": int(lengths[i]), "reward": float(scores[i]),
              "logprob": float(seq_logp[i]), "ref_logprob": float(seq_ref[i])} for i in range(rows)))
+        for name, file in (("samples", SAMPLES_FILE), ("win_rates", JSON_FILE)):
+            ctx.fingerprint_output(name, file)
         if ctx.is_main:
             print(table)
 

@@ -178,6 +178,15 @@ def run(cfg: GenerateConfig) -> dict:
         reward = make_reward(cfg.reward, parse_key_values(cfg.reward_options, "--reward-options")) \
             if cfg.reward else None
         ctx.add_data("prompts", prompts, count=len(prompts))
+        ctx.fingerprint_model("model", source)
+        if cfg.reward:
+            ctx.fingerprint_reward("reward", cfg.reward,
+                                   parse_key_values(cfg.reward_options, "--reward-options"))
+        if cfg.scorer:
+            if Path(cfg.scorer).exists():
+                ctx.fingerprint_input("scorer", cfg.scorer)
+            else:
+                ctx.fingerprint_reward("scorer", cfg.scorer)
         with ctx.timer("load_model"):
             model, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
             scorer = _scorer(cfg, model) if cfg.scorer else None
@@ -218,6 +227,7 @@ def run(cfg: GenerateConfig) -> dict:
                 item["kl_bound"] = float(out["kl_bound"][i])
             rows.append(item)
         write_jsonl(ctx.run_dir / SAMPLES_FILE, rows)
+        ctx.fingerprint_output("samples", SAMPLES_FILE)
 
         metrics = {"prompts": len(prompts), "responses": len(texts),
                    "mean_response_tokens": float(flat_lengths.mean()),

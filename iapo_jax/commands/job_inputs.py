@@ -110,6 +110,25 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
+    """A file a job writes outside its run directory: not a folder, in a folder that exists or can
+    be created, writable; checked first so a long run never ends unable to save its results."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise JobInputError(f"{flag} {path} is a folder; pass a file name inside it")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise JobInputError(f"{flag} {path}: {ancestor} is a file, not a folder; pass a path in a "
+                            "folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise JobInputError(f"{flag} {path} cannot be written (no write permission in {ancestor}); "
+                            "choose a folder you can write to")
+
+
 def check_mesh_batch(cfg: Any, batch: int, what: str = "--batch-size") -> None:
     """A training batch must split evenly over --data x --fsdp (checked before any compute)."""
     for name in ("data", "fsdp", "tensor"):

@@ -1,9 +1,13 @@
 """``iapo reproduce RUN_DIR``: rerun a recorded job with its recorded config and compare the numbers.
 
-The rerun goes into a new run directory. Every final metric of the record, and every logged series
-in metrics.jsonl, is compared: exactly when the machine type (backend, device kind, CPU model),
-device and process counts and JAX version are the same as recorded, else within ``rtol``. Any
-difference makes the command exit with status 3.
+The rerun goes into a new run directory. First the fingerprints of what the run read (model
+weights, reward or scorer, pools, prompts) must be the same: a rerun from other inputs proves
+nothing. Then every final metric of the record, and every logged series in metrics.jsonl, is
+compared, and the fingerprints of what the run wrote (samples, exported policy, pools): numbers
+exactly when the machine type (backend, device kind, CPU model), device and process counts and JAX
+version are the same as recorded, else within ``rtol``; output fingerprints only on the same
+machine type (elsewhere the last bits of a float may differ). Any difference makes the command exit
+with status 3, naming the first one (and, for a run with steps, the first step that diverges).
 """
 
 from __future__ import annotations
@@ -112,6 +116,68 @@ def compare_series(old_rows: list[dict], new_rows: list[dict], rtol: float = 0.0
     return checks
 
 
+def first_diverging_step(old_rows: list[dict], new_rows: list[dict], rtol: float = 0.0,
+                         atol: float = 0.0) -> tuple[int, str] | None:
+    """(step, metric) of the earliest logged step at which the rerun differs, or None."""
+    from iapo_jax.runtime.jsonable import same_number
+
+    old, new = _series(old_rows), _series(new_rows)
+    first = None
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, {}), new.get(name, {})
+        for step in sorted(set(a) | set(b)):
+            if step in a and step in b and same_number(b[step], a[step], rtol, atol):
+                continue
+            if first is None or step < first[0]:
+                first = (step, name)
+            break
+    return first
+
+
+def _inside(path: str | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def compare_fingerprints(old: dict, new: dict, source: Path, rerun_dir: Path, *,
+                         outputs: bool) -> list[Check]:
+    """Inputs (model weights, reward, pools, prompts: record "fingerprints" with role input and
+    "data") always; outputs only when ``outputs``. Entries of "data" that are files the run wrote
+    into its own folder are skipped: their bytes (an .npz's timestamps) are not its content."""
+    checks = []
+    old_fp, new_fp = old.get("fingerprints") or {}, new.get("fingerprints") or {}
+    for name in sorted(set(old_fp) | set(new_fp), key=lambda n: (
+            (old_fp.get(n) or new_fp.get(n)).get("role") != "input", n)):
+        a, b = old_fp.get(name), new_fp.get(name)
+        role = (a or b).get("role", "input")
+        if role == "output" and not outputs:
+            continue
+        checks.append(_fingerprint_check(f"fingerprint {name} ({role})", a, b, name))
+    for name in sorted(set(old.get("data") or {}) | set(new.get("data") or {})):
+        a, b = (old.get("data") or {}).get(name), (new.get("data") or {}).get(name)
+        if _inside((a or {}).get("path"), source) or _inside((b or {}).get("path"), rerun_dir):
+            continue
+        checks.append(_fingerprint_check(f"data {name}", a, b, name))
+    return checks
+
+
+def _fingerprint_check(label: str, a: dict | None, b: dict | None, name: str) -> Check:
+    short = lambda entry: None if entry is None else str(entry.get("sha256"))[:12]  # noqa: E731
+    if a is None or b is None:
+        return Check(label, short(a), short(b), None, False,
+                     f"missing in {'record' if a is None else 'rerun'}", name)
+    ok = a.get("sha256") == b.get("sha256")
+    where = a.get("source") or a.get("path") or a.get("reward")
+    note = "" if ok else (f"content differs from the record's ({where} changed?)" if where
+                          else "content differs")
+    return Check(label, short(a), short(b), None, ok, note, name)
+
+
 def _code_notes(old: dict, new: dict) -> list[str]:
     notes = []
     old_code, new_code = old.get("code") or {}, new.get("code") or {}
@@ -158,11 +224,30 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
 
     same = machine_signature(old) == machine_signature(new)
     rtol, atol = (0.0, 0.0) if same else (cfg.rtol, cfg.atol)
-    checks = compare_metrics(old.get("metrics") or {}, new.get("metrics") or {}, rtol, atol)
-    checks += compare_series(read_metrics(cfg.source), read_metrics(ctx.run_dir), rtol, atol)
+    notes = []
+    if "fingerprints" in old:
+        fingerprints = compare_fingerprints(old, new, cfg.source, ctx.run_dir, outputs=same)
+        if not same:
+            notes.append("outputs are compared by their numbers only: their fingerprints need the "
+                         "same machine type")
+    else:
+        fingerprints = []
+        notes.append("the record has no fingerprints (an older version wrote it): only numbers "
+                     "are compared")
+    inputs = [c for c in fingerprints if not c.name.endswith("(output)")]
+    outputs = [c for c in fingerprints if c.name.endswith("(output)")]
+    old_rows, new_rows = read_metrics(cfg.source), read_metrics(ctx.run_dir)
+    checks = inputs + compare_metrics(old.get("metrics") or {}, new.get("metrics") or {}, rtol, atol)
+    checks += compare_series(old_rows, new_rows, rtol, atol) + outputs
     patterns = tuple(cfg.ignore) + tuple(getattr(job.module, "REPRODUCE_IGNORE", ()))
-    checks = [c for c in checks if not any(fnmatch.fnmatchcase(c.metric, p) for p in patterns)]
+    checks = [c for c in checks if c.name.startswith(("fingerprint ", "data "))
+              or not any(fnmatch.fnmatchcase(c.metric, p) for p in patterns)]
     failed = [c for c in checks if not c.ok]
+    ignored = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+    diverged = first_diverging_step([{k: v for k, v in r.items() if not ignored(k)}
+                                     for r in old_rows],
+                                    [{k: v for k, v in r.items() if not ignored(k)}
+                                     for r in new_rows], rtol, atol)
 
     rule = "exact (same machine type and device count)" if same else (
         f"within rtol={cfg.rtol:g}, atol={cfg.atol:g} (machine differs: recorded "
@@ -170,6 +255,8 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
     ctx.record.set_extra("reproduction", {
         "source": str(cfg.source), "rule": rule, "checks": len(checks), "mismatches": len(failed),
         "failed": [c.name for c in failed],
+        "first_diverging_step": None if diverged is None else {"step": diverged[0],
+                                                                "metric": diverged[1]},
     })
     ctx.record.write()
 
@@ -181,14 +268,16 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
              for c in checks],
             title=f"reproduce {cfg.source} -> {ctx.run_dir}: comparing {rule}",
         )
-        for note in _code_notes(old, new):
+        for note in notes + _code_notes(old, new):
             print(f"note: {note}", file=sys.stderr)
     if not checks:
         print("note: the record has no metrics to compare", file=sys.stderr)
     if failed:
+        first = failed[0]
+        detail = first.note or f"recorded {first.recorded}, rerun {first.rerun}"
+        step = "" if diverged is None else f"; the rerun diverges at step {diverged[0]} ({diverged[1]})"
         raise ReproduceMismatch(
-            f"{len(failed)} of {len(checks)} metrics differ from {cfg.source} "
-            f"({', '.join(c.name for c in failed[:3])}{', ...' if len(failed) > 3 else ''}); "
-            f"the rerun is in {ctx.run_dir}"
+            f"{len(failed)} of {len(checks)} checks differ from {cfg.source}; first: {first.name}: "
+            f"{detail}{step}; the rerun is in {ctx.run_dir}"
         )
     return {"checks": len(checks), "mismatches": 0, "run_dir": str(ctx.run_dir)}

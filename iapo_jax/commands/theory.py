@@ -23,6 +23,7 @@ from iapo_jax.theory.settings import check_setting
 DEFAULT_TRANSFORM = {"sampling": "identity", "bon": "exp", "won": "negexp"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 RESULT_FILE = "theory.json"
+SINGLE_PROCESS = True  # closed forms: nothing to spread over processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ def resolved(cfg: TheoryConfig) -> tuple[str, int, str]:
     check_setting(cfg.procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t)
     if cfg.plot is not None and Path(cfg.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise ValueError(f"--plot {cfg.plot}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    from iapo_jax.commands.job_inputs import check_output_file
+
+    check_output_file(cfg.plot, "--plot")
     return cfg.procedure, n, transform
 
 
@@ -103,7 +107,10 @@ def run(cfg: TheoryConfig) -> dict:
             print(f"\nwin rate vs KL curves: {out['plot']}")
     ctx = current_context()
     if ctx is not None:
-        (ctx.run_dir / RESULT_FILE).write_text(json_lib.dumps(out, indent=2) + "\n")
+        from iapo_jax.commands.job_outputs import write_text
+
+        write_text(ctx.run_dir / RESULT_FILE, json_lib.dumps(out, indent=2) + "\n")
+        ctx.fingerprint_output("result", RESULT_FILE)
     return out
 
 

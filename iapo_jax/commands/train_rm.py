@@ -27,6 +27,10 @@ from iapo_jax.commands.configs import MeshFlags
 
 TRAIN_PAIRS, EVAL_PAIRS = "pairs_train.jsonl", "pairs_eval.jsonl"
 REPRODUCE_IGNORE = ("*per_s", "*seconds")
+RESUMABLE = True
+# Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
+# steps would make the continued run differ from any uninterrupted one.
+RESUME_SAFE: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +203,7 @@ def run(cfg: TrainRMConfig) -> dict:
     from iapo_jax.commands.job_inputs import (
         JobInputError,
         load_model_and_tokenizer,
+        parse_key_values,
         resolve_model_source,
     )
     from iapo_jax.parallel.distributed import is_main_process
@@ -210,8 +215,13 @@ def run(cfg: TrainRMConfig) -> dict:
     )
 
     check_config(cfg)
+    resolve_model_source(cfg.model)  # a bad --model is a one-line error before anything runs
     with job_context("train-rm", cfg) as ctx:
         source = resolve_model_source(cfg.model)
+        ctx.fingerprint_model("model", source)
+        if cfg.pairs == "sampled":
+            ctx.fingerprint_reward("scorer", cfg.scorer, parse_key_values(cfg.scorer_options,
+                                                                          "--scorer-options"))
         with ctx.timer("load_model"):
             base, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
         train_file, eval_file = ctx.run_dir / TRAIN_PAIRS, ctx.run_dir / EVAL_PAIRS
@@ -243,8 +253,13 @@ def run(cfg: TrainRMConfig) -> dict:
         ckpt = ctx.checkpointer(keep_last=2)
         with ctx.timer("prepare"):
             trainer = RewardModelTrainer(train_config(cfg), model, train_arr, eval_arr, checkpointer=ckpt,
-                                         log=ctx.log, mesh=ctx.mesh(cfg))
-        if ctx.resume:
+                                         log=lambda step, **m: log(step, **m), mesh=ctx.mesh(cfg))
+
+        def log(step, **metrics):
+            ctx.log(step, **metrics)
+            ctx.stop_if_preempted(trainer.save, step)  # SIGTERM: checkpoint this step and stop
+
+        if ctx.resume and ckpt.latest_step() is not None:
             trainer.restore()
         before = trainer.evaluate()
         with ctx.timer("train"):
@@ -256,6 +271,8 @@ def run(cfg: TrainRMConfig) -> dict:
         if is_main_process():
             write_spec(ctx.run_dir, kind="reward", base=source, finetune=trainer.finetune,
                        step=trainer.step, max_length=cfg.max_length, scorer=cfg.scorer, pairs=cfg.pairs)
+        ctx.fingerprint_output("train_pairs", TRAIN_PAIRS)
+        ctx.fingerprint_output("eval_pairs", EVAL_PAIRS)
         return {
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
             "truncated_rows": int(cut),

@@ -23,6 +23,11 @@ from typing import Literal
 
 from iapo_jax.commands.configs import MeshFlags
 
+RESUMABLE = True
+# Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
+# steps would make the continued run differ from any uninterrupted one.
+RESUME_SAFE: tuple[str, ...] = ()
+
 TRAIN_ROLLOUTS, EVAL_ROLLOUTS = "rollouts_train.npz", "rollouts_eval.npz"
 REPRODUCE_IGNORE = ("*per_s", "*seconds")
 
@@ -173,9 +178,13 @@ def run(cfg: TrainScorerConfig) -> dict:
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
 
     check_config(cfg)
+    resolve_model_source(cfg.model)  # a bad --model is a one-line error before anything runs
     with job_context("train-scorer", cfg) as ctx:
         source = resolve_model_source(cfg.model)
-        reward = make_reward(cfg.reward, parse_key_values(cfg.reward_options, "--reward-options"))
+        options = parse_key_values(cfg.reward_options, "--reward-options")
+        reward = make_reward(cfg.reward, options)
+        ctx.fingerprint_model("model", source)
+        ctx.fingerprint_reward("reward", cfg.reward, options)
         prompts = {split: load_prompts(None, split=split, categories=(), num_prompts=count,
                                        seed=cfg.prompt_seed)
                    for split, count in (("train", cfg.num_prompts), ("eval", cfg.eval_prompts))}
@@ -203,13 +212,23 @@ def run(cfg: TrainScorerConfig) -> dict:
                 save_rollouts(path, rollouts[split])
             ctx.add_data(f"{split}_rollouts", path=path, rows=rollouts[split].size)
         train, held_out = rollouts["train"], rollouts["eval"]
+        from iapo_jax.data.fingerprint import fingerprint
+
+        for split, data in rollouts.items():  # by content: .npz files carry their write time
+            ctx.fingerprint_output(f"{split}_rollouts", sha256=fingerprint(list(data.as_numpy())))
 
         scorer = build_head_model("value", base, cfg.seed)
         ckpt = ctx.checkpointer(keep_last=2)
         with ctx.timer("prepare"):
             trainer = PrefixScorerTrainer(train_config(cfg), scorer, train, held_out, reference=base,
-                                          checkpointer=ckpt, log=ctx.log, mesh=ctx.mesh(cfg))
-        if ctx.resume:
+                                          checkpointer=ckpt, log=lambda step, **m: log(step, **m),
+                                          mesh=ctx.mesh(cfg))
+
+        def log(step, **metrics):
+            ctx.log(step, **metrics)
+            ctx.stop_if_preempted(trainer.save, step)  # SIGTERM: checkpoint this step and stop
+
+        if ctx.resume and ckpt.latest_step() is not None:
             trainer.restore()
         before = trainer.evaluate(edges=cfg.bucket_edges)
         with ctx.timer("train"):
