@@ -30,7 +30,7 @@ TRAIN = textwrap.dedent(
     from iapo_jax.parallel.sharded_step import shard_train_state
 
     ROWS, PROMPT, RESPONSE, STEPS = 8, 8, 6, 3
-    OPTS = StepOptions(kl_in_loss=True, kl_estimator="k3", use_clip=True)
+    OPTS = StepOptions(kl_in_loss=True, kl_estimator="k2", use_clip=True)
 
     def rollout(vocab):
         rng = np.random.default_rng(0)

@@ -166,3 +166,102 @@ def test_renormalised_top_k_sums_to_one():
 def test_adaptive_beta_moves_towards_target():
     assert float(losses.adaptive_beta(0.1, observed_kl=2.0, target_kl=1.0)) > 0.1
     assert float(losses.adaptive_beta(0.1, observed_kl=0.5, target_kl=1.0)) < 0.1
+
+
+# --- KL in the loss: the expected gradient must be grad KL(pi || pi_ref) over whole sequences ---
+
+V = 4  # a tabular two-token policy: pi(y1, y2) = softmax(a)[y1] * softmax(b[y1])[y2]
+
+
+def _tabular(theta):
+    a, b = theta
+    first = jax.nn.log_softmax(a)  # [V]
+    second = jax.nn.log_softmax(b, axis=-1)  # [V, V]
+    ys = np.array(list(itertools.product(range(V), repeat=2)))
+    return jnp.stack([first[ys[:, 0]], second[ys[:, 0], ys[:, 1]]], axis=1), ys  # [V*V, 2]
+
+
+def _exact_kl(theta, ref_theta):
+    lp, _ = _tabular(theta)
+    ref, _ = _tabular(ref_theta)
+    seq, ref_seq = lp.sum(1), ref.sum(1)
+    return jnp.sum(jnp.exp(seq) * (seq - ref_seq))
+
+
+def _expected_surrogate_grad(theta, ref_theta, surrogate):
+    """E_{y ~ pi}[grad surrogate(y)], exactly: the sum over every sequence weighted by pi(y)."""
+    ref_lp, _ = _tabular(ref_theta)
+    weights = jnp.exp(jax.lax.stop_gradient(_tabular(theta)[0]).sum(1))
+
+    def objective(th):
+        lp, _ = _tabular(th)
+        per_row = jax.vmap(lambda l, r: surrogate(l[None], r[None], jnp.ones((1, 2))))(lp, ref_lp)
+        return jnp.sum(weights * per_row)
+
+    return jax.grad(objective)(theta)
+
+
+def _thetas():
+    rng = np.random.default_rng(3)
+    theta = (jnp.asarray(rng.normal(size=V)), jnp.asarray(rng.normal(size=(V, V))))
+    ref = (jnp.asarray(rng.normal(size=V)), jnp.asarray(rng.normal(size=(V, V))))
+    return theta, ref
+
+
+def test_kl_loss_term_has_the_sequence_kl_gradient():
+    """The offered KL-in-loss surrogate: its on-policy expected gradient equals jax.grad of the
+    exact sequence KL, computed independently by enumerating all V^2 sequences."""
+    theta, ref = _thetas()
+    want = jax.grad(_exact_kl)(theta, ref)
+    got = _expected_surrogate_grad(theta, ref, losses.kl_loss_term)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
+    assert float(jnp.max(jnp.abs(want[1]))) > 0.05  # the second token's credit is not trivial
+
+
+def test_per_token_kl_estimators_in_the_loss_have_wrong_gradients_and_are_refused():
+    """Why only the sequence-level k2 is offered: per-token k1 has zero expected gradient, per-token
+    k3 follows the reverse KL, per-token k2 misses the later tokens' KL; all differ from the truth."""
+    theta, ref = _thetas()
+    want = jax.grad(_exact_kl)(theta, ref)
+    flat = lambda g: np.concatenate([np.ravel(x) for x in g])  # noqa: E731
+    for name in ("k1", "k2", "k3"):
+        per_token = lambda lp, r, m, name=name: jnp.mean(losses.sequence_kl(lp, r, m, name))  # noqa: E731
+        got = flat(_expected_surrogate_grad(theta, ref, per_token))
+        assert np.max(np.abs(got - flat(want))) > 1e-2, name
+    for name in ("k1", "k3"):
+        with pytest.raises(ValueError, match="cannot be put in the loss"):
+            losses.check_kl_loss_estimator(name)
+    from iapo_jax.alignment.ctrl_config import CTRLConfig
+
+    with pytest.raises(ValueError, match="cannot be put in the loss"):
+        CTRLConfig(kl_in_loss=True, kl_estimator="k3").validate()
+
+
+def test_sequence_rewards_to_advantages_by_hand():
+    """KL in the reward: A_i = s_i - mean_{j != i} s_j with s = R - beta * sum_t (log pi - log pi_ref);
+    KL in the loss: the same leave-one-out on R alone."""
+    from iapo_jax.alignment.ctrl_step import sequence_rewards_to_advantages
+
+    rng = np.random.default_rng(5)
+    p, n, r_len, beta = 2, 3, 4, 0.3
+    rewards = rng.normal(size=p * n).astype(np.float32)
+    logp = rng.normal(-2, 0.5, (p * n, r_len)).astype(np.float32)
+    ref = rng.normal(-2, 0.5, (p * n, r_len)).astype(np.float32)
+    lengths = np.array([4, 2, 1, 3, 4, 2])
+    mask = (np.arange(r_len)[None] < lengths[:, None]).astype(np.float32)
+    shaped = rewards - beta * ((logp - ref) * mask).sum(1)
+    for kl_in_loss, s in ((False, shaped), (True, rewards)):
+        got = np.asarray(sequence_rewards_to_advantages(
+            jnp.asarray(rewards), jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), beta, n, kl_in_loss))
+        for i in range(p * n):
+            group = s[(i // n) * n:(i // n + 1) * n]
+            others = np.delete(group, i % n)
+            assert got[i] == pytest.approx(s[i] - others.mean(), abs=1e-5)
+
+
+def test_ctrl_rejects_temperature_other_than_one():
+    from iapo_jax.alignment.ctrl_config import CTRLConfig
+
+    with pytest.raises(ValueError, match="temperature 1"):
+        CTRLConfig(temperature=0.7).validate()

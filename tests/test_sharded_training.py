@@ -67,7 +67,7 @@ def _rollout(vocab: int) -> RolloutBatch:
     )
 
 
-OPTS = StepOptions(kl_in_loss=True, kl_estimator="k3", use_clip=True)
+OPTS = StepOptions(kl_in_loss=True, kl_estimator="k2", use_clip=True)
 SCALARS = (jnp.float32(0.1), jnp.float32(0.2))  # beta, clip epsilon
 
 

@@ -41,7 +41,11 @@ class StepOptions:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     kl_in_loss: bool = False  # False: KL is a k1 penalty in the reward (classic RLOO)
-    kl_estimator: str = "k3"  # used when kl_in_loss
+    kl_estimator: str = "k2"  # used when kl_in_loss; only "k2" has the KL's gradient there
+
+    def __post_init__(self):
+        if self.kl_in_loss:
+            losses.check_kl_loss_estimator(self.kl_estimator)
     use_clip: bool = False  # PPO-clip ratio objective
 
 
@@ -66,7 +70,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
         pg = losses.policy_gradient_loss(
             logp, batch.old_logp, batch.advantages, mask, clip_eps if opts.use_clip else None
         )
-        kl = losses.kl_loss_term(logp, batch.ref_logp, mask, opts.kl_estimator)
+        kl = losses.kl_loss_term(logp, batch.ref_logp, mask)
         loss = pg + beta * kl if opts.kl_in_loss else pg
         ratio = jnp.exp(logp - batch.old_logp)
         clipped = (jnp.abs(ratio - 1.0) > clip_eps) & real

@@ -131,9 +131,35 @@ def kl_penalised_rewards(rewards, logp, ref_logp, mask, beta) -> jax.Array:
     return rewards - beta * log_ratio
 
 
-def kl_loss_term(logp, ref_logp, mask, estimator: str = "k3") -> jax.Array:
-    """Mean over rows of the sequence KL estimate, differentiable (the 'KL in the loss' form)."""
-    return jnp.mean(sequence_kl(logp, ref_logp, mask, estimator))
+# KL in the loss. Differentiating a per-token estimate with the samples held fixed does not give
+# the gradient of KL(pi || pi_ref): k1's expected gradient is E[grad log pi] = 0, k3's is the
+# gradient of the reverse KL(pi_ref || pi), and any per-token form misses the credit that a token
+# gets for the KL of the tokens after it. The sequence-level k2 surrogate 1/2 (sum_t d_t)^2 has
+# gradient (sum_t d_t) * grad log pi(y), whose expectation under y ~ pi is exactly grad KL(pi || pi_ref)
+# (see e.g. Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL").
+KL_LOSS_ESTIMATORS = ("k2",)
+
+
+def check_kl_loss_estimator(estimator: str) -> None:
+    """Only estimators whose gradient is the KL's gradient may go into the loss."""
+    if estimator not in KL_LOSS_ESTIMATORS:
+        why = {"k1": "its expected gradient is zero",
+               "k3": "its gradient is that of the reverse KL(pi_ref || pi)"}.get(estimator, "it is unknown")
+        raise ValueError(
+            f"kl_estimator {estimator!r} cannot be put in the loss: {why}. Use kl_estimator='k2' (the "
+            "sequence-level squared log-ratio, whose gradient is the KL's) or keep the KL in the reward "
+            "(kl_in_loss=False)")
+
+
+def kl_loss_term(logp, ref_logp, mask, estimator: str = "k2") -> jax.Array:
+    """Mean over rows of 1/2 (log pi(y) - log pi_ref(y))^2, the sequence-level k2 surrogate.
+
+    For on-policy samples its gradient is an unbiased estimate of grad KL(pi || pi_ref) over whole
+    sequences, so adding beta times it to a policy-gradient loss optimises E[R] - beta * KL.
+    """
+    check_kl_loss_estimator(estimator)
+    log_ratio = jnp.sum((logp - ref_logp) * mask, axis=-1)
+    return jnp.mean(0.5 * jnp.square(log_ratio))
 
 
 def adaptive_beta(beta, observed_kl, target_kl, horizon_fraction: float = 0.1, max_step: float = 0.2):
