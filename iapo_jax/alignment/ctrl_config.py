@@ -9,6 +9,7 @@ from iapo_jax.alignment import losses
 # 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
 REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp")
 PROCEDURES = ("sampling", "bon", "won")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +22,11 @@ class CTRLConfig:
     beta: KL weight, in units of the transformed reward; exp / negexp are rescaled onto [0, 1]
       (an affine map: same optimal policies, beta measured in the same units as for identity).
       With target_kl set, beta is adapted by a proportional controller.
-    kl_in_loss: False puts a k1 KL penalty in the reward (RLOO's classic form); True adds the
-      named kl_estimator to the loss.
+    kl_in_loss: False puts a k1 KL penalty in the reward (RLOO's classic form); True adds
+      beta * 1/2 (log pi(y) - log pi_ref(y))^2 to the loss (kl_estimator 'k2', the only per-sample
+      form whose gradient is the sequence KL's; see losses.kl_loss_term).
+    temperature: must be 1. Rollouts, the PPO ratio, the KL and the reference pools all use the
+      temperature-1 policy; sampling at another temperature would optimise a different objective.
     clip_eps / ppo_epochs: PPO-clip with several epochs per rollout; None / 1 is REINFORCE+RLOO.
     lora_rank: 0 trains all weights; r > 0 trains LoRA factors on the attention/MLP kernels.
     """
@@ -39,6 +43,7 @@ class CTRLConfig:
     steps: int = 12
     learning_rate: float = 1e-5
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 over `steps` (x ppo_epochs updates)
     max_grad_norm: float = 1.0
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -47,7 +52,7 @@ class CTRLConfig:
     clip_eps: float | None = None
     ppo_epochs: int = 1
     kl_in_loss: bool = False
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k2"
     advantage: str = "rloo"
     seed: int = 0
 
@@ -76,8 +81,17 @@ class CTRLConfig:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (got {self.lora_rank}); 0 = full fine-tuning")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive (got {self.temperature})")
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"CTRL samples rollouts at temperature 1 (got temperature={self.temperature}): the "
+                "policy gradient, the KL penalty and the reference pools all use the temperature-1 "
+                "policy, so another temperature optimises a different objective; set temperature 1.0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         losses.get_kl_estimator(self.kl_estimator)
+        if self.kl_in_loss:
+            losses.check_kl_loss_estimator(self.kl_estimator)
         losses.get_advantage_estimator(self.advantage)
         return self
