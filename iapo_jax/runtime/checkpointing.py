@@ -183,7 +183,9 @@ class Checkpointer:
       async_save: write in the background; ``wait()``/``close()``/``restore`` wait for it.
       handle_sigterm: on SIGTERM, ask for a final save instead of dying (single process; with
         several processes JAX's preemption sync point decides, so all processes save the same step).
-      on_save: called with the step after each save (e.g. ``RunRecord.add_checkpoint``).
+      on_save: called with the step once its save is complete on disk (at the next save, ``wait``
+        or ``close``), e.g. ``RunRecord.add_checkpoint``: a record never lists a step that a kill
+        during its save left unfinished.
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self._on_save = on_save
+        self._pending: int | None = None  # saved asynchronously, not yet reported to on_save
         policies = [cm.LatestN(n=keep_last)]
         best_fn = None
         if best_metric is not None:
@@ -291,12 +294,22 @@ class Checkpointer:
         items = {MODEL: ocp.args.StandardSave(model), META: ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items[OPT_STATE] = ocp.args.StandardSave(opt_state)
+        self._report_finished()
         saved = self._manager.save(
             int(step), args=ocp.args.Composite(**items), metrics=numbers or None, force=force
         )
-        if saved and self._on_save is not None:
-            self._on_save(int(step))
+        if saved:
+            self._pending = int(step)
         return bool(saved)
+
+    def _report_finished(self) -> None:
+        """Wait for the save in flight, then tell on_save its step is on disk."""
+        if self._pending is None:
+            return
+        self._manager.wait_until_finished()
+        step, self._pending = self._pending, None
+        if self._on_save is not None:
+            self._on_save(step)
 
     def maybe_save(self, step: int, **items: Any) -> bool:
         """Save when ``step`` is on the ``save_every`` grid or a preemption was requested.
@@ -414,10 +427,12 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until background saves are on disk."""
         self._manager.wait_until_finished()
+        self._report_finished()
 
     def close(self) -> None:
         """Finish pending saves, release orbax resources and give back the SIGTERM handler."""
         self._manager.wait_until_finished()
+        self._report_finished()
         self._manager.close()
         if self._handles_sigterm:
             signals.defer(False)
