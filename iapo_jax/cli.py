@@ -16,6 +16,7 @@ import io
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Sequence
 
@@ -283,9 +284,33 @@ def _stopped_message(name: str, how: str, run_dir: Any, checkpoints: list[int] |
             "so run it again into a new --run-dir")
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str):
+    """Our own warnings (a checkpoint fallback) as one line each, without Python's source line."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("iapo_jax."):
+            print(f"{prefix}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iapo`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    prefix = f"iapo {args[0]}" if args and args[0] in JOBS else "iapo"
+    with _one_line_warnings(prefix):
+        return _main(args)
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(top_help())
         return EXIT_OK
