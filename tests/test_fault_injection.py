@@ -147,6 +147,17 @@ def test_resume_refuses_changed_settings_naming_each(capsys, finished_record, fl
     assert _digest(finished_record / MANIFEST) == before
 
 
+def test_more_steps_are_refused_where_the_schedule_spans_the_steps(capsys, finished_record):
+    record = json.loads((finished_record / MANIFEST).read_text())
+    record["config"]["lr_schedule"] = "cosine"
+    (finished_record / MANIFEST).write_text(json.dumps(record))
+    before = _digest(finished_record / MANIFEST)
+    code, _, err = _cli(capsys, "ctrl", "--run-dir", finished_record, "--resume", "--steps", "6")
+    assert code == 2
+    _one_line(err, "--steps recorded 4, now 6")
+    assert _digest(finished_record / MANIFEST) == before
+
+
 def test_resume_takes_the_config_from_the_record(capsys, finished_record, monkeypatch):
     from iapo_jax.commands import ctrl
 

@@ -16,8 +16,13 @@ from iapo_jax.commands.configs import MeshFlags
 from iapo_jax.commands.job_inputs import JobInputError
 
 RESUMABLE = True
-# The learning rate is constant after warmup, so more steps continue the same run exactly.
+# With the constant learning rate, more steps continue the same run exactly; a cosine schedule
+# decays over --steps, so there nothing may change (see resume_safe).
 RESUME_SAFE = ("steps",)
+
+
+def resume_safe(recorded: dict) -> tuple[str, ...]:
+    return () if recorded.get("lr_schedule", "constant") != "constant" else RESUME_SAFE
 LAST_METRICS = "last_metrics"  # kept in each checkpoint, so a resume that trains no step reports them
 
 

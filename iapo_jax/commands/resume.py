@@ -23,7 +23,11 @@ def is_resumable(module: Any) -> bool:
     return bool(getattr(module, "RESUMABLE", False))
 
 
-def safe_keys(module: Any) -> tuple[str, ...]:
+def safe_keys(module: Any, recorded: dict | None = None) -> tuple[str, ...]:
+    """Keys a resume may change; a module's ``resume_safe(recorded_config)`` can narrow them."""
+    rule = getattr(module, "resume_safe", None)
+    if callable(rule) and recorded is not None:
+        return tuple(rule(recorded))
     return tuple(getattr(module, "RESUME_SAFE", ()))
 
 
@@ -72,7 +76,7 @@ def changed_keys(recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
 def check_changes(module: Any, job: str, recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
     """Refuse a resume that changes anything but the job's safe keys; returns the changes."""
     changes = changed_keys(recorded, config)
-    safe = safe_keys(module)
+    safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
     refused = {k: v for k, v in changes.items() if k not in safe}
     if refused:
         listed = "; ".join(f"--{k.replace('_', '-')} recorded {old!r}, now {new!r}"
@@ -97,7 +101,8 @@ def nothing_to_do(record: dict, changes: dict) -> bool:
 
 def noop_message(job: str, run_dir: Path, record: dict, module: Any) -> str:
     steps = (record.get("config") or {}).get("steps")
-    more = (f"; pass --steps above {steps} to train on" if "steps" in safe_keys(module)
+    more = (f"; pass --steps above {steps} to train on"
+            if "steps" in safe_keys(module, record.get("config") or {})
             and isinstance(steps, int) else "")
     return (f"iapo {job}: {run_dir} already finished"
             + (f" all {steps} steps" if isinstance(steps, int) else "")
