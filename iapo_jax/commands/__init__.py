@@ -32,6 +32,7 @@ JOBS: dict[str, str] = {
     "generate": "sample: plain, best-of-N, blockwise or token-level controlled decoding",
     "eval": "inference-time win rates and KL of policies",
     "theory": "closed-form win rates and KL for best-of-N / worst-of-N and reward transforms",
+    "testbed": "CTRL against the exact optimum on policies small enough to enumerate",
     "bench": "decoding throughput against transformers",
     "reproduce": "rerun a recorded run into a new run directory and compare its metrics",
     "env": "record the software and hardware environment and run a small sharded smoke test",
