@@ -129,12 +129,13 @@ def test_generate_plain_and_best_of_n_match_the_pool(capsys, calibrated, tiny_ch
 
 
 def _brute_force_win_rate(a, b, procedure, n):
-    """Mean over prompts of P(T(a) > T(b)) + P(=)/2, T applied to n draws with replacement."""
+    """Mean over prompts of P(T(a) > T(b)) + P(=)/2, T applied to every n-subset of each side's
+    samples (without replacement: the unbiased estimator's definition)."""
     serve = {"sampling": lambda t: t[0], "bon": max, "won": min}[procedure]
     per_prompt = []
     for row_a, row_b in zip(a, b):
-        served_a = [serve(t) for t in itertools.product(row_a, repeat=n)]
-        served_b = [serve(t) for t in itertools.product(row_b, repeat=n)]
+        served_a = [serve(t) for t in itertools.combinations(row_a, n)]
+        served_b = [serve(t) for t in itertools.combinations(row_b, n)]
         x, y = np.array(served_a)[:, None], np.array(served_b)[None, :]
         per_prompt.append(np.mean((x > y) + 0.5 * (x == y)))
     return float(np.mean(per_prompt))

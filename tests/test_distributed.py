@@ -129,7 +129,7 @@ def test_two_processes_match_one_process(tmp_path, train_module, tiny_llama_dir)
 
     losses, params = train_module["train"](tiny_llama_dir)  # the same steps here, 8 local devices
     # Cross-process all-reduces may sum in another order than in-process ones: allow float32 noise.
-    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5, atol=1e-6)  # the first KL is ~0
     assert losses[-1][0] != losses[0][0]  # the steps really changed the policy
     worst = max(float(np.max(np.abs(np.asarray(result["params"][k], np.float32) - v))) for k, v in params.items())
     print(f"two processes vs one: loss/grad_norm/kl {result['losses'][-1]} vs {losses[-1]}, max param diff {worst:.1e}")

@@ -20,6 +20,8 @@ from iapo_jax.evaluation.kl_sweep import write_sweep_report
 
 def load(run: Path) -> tuple[dict, dict]:
     manifest = json.loads((run / "manifest.json").read_text())
+    # Runs recorded before warmup existed trained without it; None now means "10% of steps".
+    manifest["config"].setdefault("warmup_steps", 0)
     rows = json.loads((run / "results.json").read_text())
     return manifest, rows
 

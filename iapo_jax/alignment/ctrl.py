@@ -84,12 +84,13 @@ def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float
     A decaying rate lets the stochastic policy gradient settle on the optimum instead of jittering
     around it with a spread set by the rate (measured on the exact testbed: see ``iapo testbed``).
     """
+    first = learning_rate / (warmup_steps + 1)  # warmup's first update moves the policy too
     if schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
-            init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
+            init_value=first, peak_value=learning_rate,
             warmup_steps=warmup_steps, decay_steps=max(total_updates, warmup_steps + 1), end_value=0.0)
     elif warmup_steps:
-        lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+        lr = optax.linear_schedule(first, learning_rate, warmup_steps)
     else:
         lr = optax.constant_schedule(learning_rate)
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr, weight_decay=0.0))

@@ -59,7 +59,7 @@ def blockwise_win_rate(reference, scorer, tokenizer, prompts: Sequence[str], rew
 
     Draws `samples` CD responses and `reference_samples` plain pi_ref responses per prompt, scores
     all with `reward`, and compares them per prompt (ties one half). Also reports the mean rewards
-    and the mean KL bound (log K - (K-1)/K) * L / M of the CD responses.
+    and the mean KL bound (log K - (K-1)/K) * ceil(L / M) of the CD responses.
     """
     from iapo_jax.decoding.blockwise import blockwise_cd
     from iapo_jax.decoding.sampler import sample

@@ -43,7 +43,7 @@ class BlockwiseOutput:
     logprobs: jax.Array  # [B, T] under the base sampling policy, per token
     raw_logprobs: jax.Array  # [B, T] under the unfiltered temperature-1 base policy
     scores: jax.Array  # [B] weighted score of the final kept prefix
-    kl_bound: np.ndarray = struct.field(pytree_node=False, default=None)  # [B] (log K-(K-1)/K)*L/M
+    kl_bound: np.ndarray = struct.field(pytree_node=False, default=None)  # [B] (log K-(K-1)/K)*ceil(L/M)
     blocks: int = struct.field(pytree_node=False, default=0)  # blocks decoded
     texts: tuple | None = struct.field(pytree_node=False, default=None)
 
