@@ -173,6 +173,13 @@ def test_eval_win_rates_and_kl(capsys, calibrated, tiny_chat_llama_dir, other_po
     assert code == 2 and "same reward" in err and not (tmp_path / "bad").exists()
 
 
+def test_eval_refuses_n_larger_than_the_samples_before_sampling(capsys, calibrated, other_policy_dir, tmp_path):
+    """The unbiased best-of-N estimate needs N samples per side: refused in one line, nothing run."""
+    code, _, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
+                           "--samples", "2", "--ns", "4", "--run-dir", tmp_path / "few")
+    assert code == 2 and "--ns 4 exceeds --samples 2" in err and "Traceback" not in err, err
+
+
 @pytest.mark.slow
 def test_generate_token_cd_with_one_candidate_is_greedy(capsys, tiny_chat_llama_dir, prompts_file,
                                                         tmp_path):

@@ -3,7 +3,7 @@
 The reference side is a saved reference pool (``iapo calibrate``): its m scored pi_ref samples per
 prompt. The policy is sampled on the pool's prompts with the pool's sampling settings, scored with
 the pool's reward, and compared under plain sampling and under best-of-N / worst-of-N for several N
-(exact plug-in estimates with bootstrap intervals over prompts). KL(pi || pi_ref) is the k1 estimate
+(unbiased estimates over N-subsets of each side's samples, with bootstrap intervals over prompts). KL(pi || pi_ref) is the k1 estimate
 from the policy's samples with log-probs under the reference model (the pool's model by default).
 
     iapo eval --pool runs/calibrate-.../pool --policy runs/ctrl-.../policy --ns 1 4 16
@@ -110,6 +110,19 @@ def settings(cfg: EvalConfig, meta: dict) -> dict:
             "top_p": float(pick("top_p", 1.0))}
 
 
+def check_subset_sizes(cfg: EvalConfig, pool_size: int) -> None:
+    """The unbiased best/worst-of-N estimate needs N samples on each side: checked before sampling."""
+    if not any(p != "sampling" for p in cfg.procedures) or not cfg.ns:
+        return
+    top = max(cfg.ns)
+    if top > cfg.samples:
+        raise JobInputError(f"--ns {top} exceeds --samples {cfg.samples}: best/worst-of-N needs at least N "
+                            f"policy samples per prompt; raise --samples to {top} or lower --ns")
+    if top > pool_size:
+        raise JobInputError(f"--ns {top} exceeds the pool's {pool_size} samples per prompt; lower --ns or "
+                            "calibrate a larger pool (iapo calibrate --pool-size)")
+
+
 def check_config(cfg: EvalConfig) -> None:
     from iapo_jax.commands.job_inputs import check_sampling
 
@@ -174,6 +187,7 @@ def run(cfg: EvalConfig) -> dict:
         pool = ReferencePool.load(pool_dir)
         ctx.add_data("reference_pool", path=pool_dir)
         s = settings(cfg, pool.meta)
+        check_subset_sizes(cfg, pool.num_samples)
         policy_source = resolve_model_source(cfg.policy)
         ref_source = cfg.reference or pool.meta.get("model")
         if ref_source is None:
@@ -239,7 +253,8 @@ def run(cfg: EvalConfig) -> dict:
         logp = out["logprobs"].reshape(rows, -1)
         ref_logp = out["ref_logprobs"].reshape(rows, -1)
         unfiltered = s["temperature"] == 1.0 and s["top_k"] == 0 and s["top_p"] == 1.0
-        kl, kl_se = sample_kl(logp, ref_logp, mask) if unfiltered else (math.nan, math.nan)
+        kl, kl_se = (sample_kl(logp, ref_logp, mask, samples_per_prompt=n) if unfiltered
+                     else (math.nan, math.nan))  # SE clustered by prompt
 
         results = win_rate_rows(policy_scores, reference_scores, cfg)
         kl_note = (f"- KL(policy || reference) = {kl:.4f} ± {kl_se:.4f} nats per response (k1)"
