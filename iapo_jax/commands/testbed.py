@@ -7,7 +7,7 @@
 Each run trains the real CTRLTrainer (the code path of ``iapo ctrl``: sampler rollouts, an m-sample
 calibration pool, the transform, the KL penalty, the compiled step) on a random-init transformer
 whose whole response distribution can be enumerated: one-token responses over 1,024 tokens
-(case ``single``) or 3-token responses over 12 tokens (case ``sequence``). The trained policy's KL
+(case ``single``) or 3-token responses over 8 tokens (case ``sequence``). The trained policy's KL
 and win rates are then computed exactly and compared with the exact optimum
 pi_ref * exp(Phi(u)/beta) / Z of the trainer's own Phi and beta (beta set so that the optimum has
 the target KL), and with the closed form at the measured KL. Target: |W - W_opt| <= 0.01 and
@@ -32,7 +32,7 @@ class TestbedConfig:
     """Train CTRL on exactly enumerable policies and compare it with the exact optimum."""
 
     cases: tuple[Literal["single", "sequence"], ...] = ("single",)
-    """Settings: 'single' (one-token responses, 1,024 tokens) and/or 'sequence' (3 tokens over 12)."""
+    """Settings: 'single' (one-token responses, 1,024 tokens) and/or 'sequence' (3 tokens over 8)."""
     transforms: tuple[Literal["identity", "exp", "negexp", "log", "raw"], ...] = TRANSFORMS
     """Transforms to train (exp is deployed as best-of-4, negexp as worst-of-4, log as best-of-4)."""
     kls: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -40,15 +40,18 @@ class TestbedConfig:
     options: tuple[Literal["rloo", "ppo", "kl_in_loss"], ...] = OPTION_NAMES
     """Optimiser options: RLOO with KL in the reward, PPO-clip (2 epochs), RLOO with KL in the loss."""
     steps: int | None = None
-    """RL steps per run (default: 400; 800 for negexp)."""
+    """RL steps per run (default: 400; 600 for the sequence case; 800 for negexp)."""
     samples_per_prompt: int | None = None
-    """Rollouts per prompt per step, 4 prompts per step (default: 64; 256 for negexp)."""
+    """Rollouts per prompt per step, 4 prompts per step (default: 64; 256 for negexp and the
+    sequence case)."""
     pool_size: int = 512
     """Reference samples per prompt in the calibration pool."""
     learning_rate: float = 2e-3
     """Adam learning rate (peak of the schedule)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule after a 10-step warmup."""
+    t: float | None = None
+    """Exponent of the exp / negexp transforms (default: the closed form's best t at each KL)."""
     eval_every: int = 50
     """Steps between exact evaluations (the learning curves)."""
     seed: int = 0
@@ -64,6 +67,8 @@ class TestbedConfig:
             raise ValueError("--samples-per-prompt must be at least 2 (RLOO needs a leave-one-out baseline)")
         if self.pool_size < 2:
             raise ValueError(f"--pool-size must be at least 2 (got {self.pool_size}); 512 is the default")
+        if self.t is not None and not self.t > 0:
+            raise ValueError(f"--t must be positive (got {self.t}); or leave it unset for the best t")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive (got {self.learning_rate})")
         if not self.kls or any(not k > 0 for k in self.kls):
@@ -101,10 +106,10 @@ def run(cfg: TestbedConfig) -> dict:
             for kl in cfg.kls:
                 for option in cfg.options:
                     print(f"{case} / {transform} / KL {kl:g} / {option}", flush=True)
-                    settings = settings_for(transform, base, steps=cfg.steps,
+                    settings = settings_for(case, transform, base, steps=cfg.steps,
                                             samples_per_prompt=cfg.samples_per_prompt)
                     result = run_case(setting, transform, float(kl), option, settings, pool=pool,
-                                      ref_logp=ref_logp, log=print)
+                                      ref_logp=ref_logp, t=cfg.t, log=print)
                     records.append(result.record)
                     curves.append(result.curve)
                     r = result.record

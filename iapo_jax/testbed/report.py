@@ -87,24 +87,31 @@ def plot_points(records: Sequence[dict], path: str | Path) -> Path:
 
 
 def plot_learning_curves(records: Sequence[dict], curves: Sequence[Sequence[dict]], path: str | Path) -> Path:
-    """|W - W_opt| and KL(pi || pi_opt) against steps, one line per run."""
+    """|W - W_opt| and KL(pi || pi_opt) against steps: one line per run, coloured by transform,
+    dashed by option."""
     from matplotlib.figure import Figure
 
+    transforms = sorted({r["transform"] for r in records})
+    colours = {t: f"C{i}" for i, t in enumerate(transforms)}
+    styles = {"rloo": "-", "ppo": "--", "kl_in_loss": ":"}
     fig = Figure(figsize=(10, 3.8))
     ax_w, ax_kl = fig.subplots(1, 2)
+    labelled = set()
     for r, curve in zip(records, curves):
-        label = f"{r['case']} {r['transform']} {r['option']} KL {r['target_kl']:g}"
+        key = (r["case"], r["transform"])
+        label = None if key in labelled else f"{r['case']} {r['transform']}"
+        labelled.add(key)
+        style = dict(color=colours[r["transform"]], linestyle=styles.get(r["option"], "-"), linewidth=0.9)
         steps = [p["step"] for p in curve]
-        ax_w.plot(steps, [abs(p["win_rate_gap"]) + 1e-5 for p in curve], linewidth=0.9, label=label)
-        ax_kl.plot(steps, [p["kl_to_optimum"] + 1e-6 for p in curve], linewidth=0.9, label=label)
+        ax_w.plot(steps, [abs(p["win_rate_gap"]) + 1e-5 for p in curve], **style)
+        ax_kl.plot(steps, [p["kl_to_optimum"] + 1e-6 for p in curve], label=label, **style)
     ax_w.axhline(0.01, color="k", linestyle="--", linewidth=0.8)
     for ax, name in ((ax_w, "|W - W_opt|"), (ax_kl, "KL(pi || pi_opt) [nats]")):
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    if len(records) <= 12:
-        ax_kl.legend(fontsize=6)
+    ax_kl.legend(fontsize=7, title="solid rloo, dashed ppo, dotted KL in loss", title_fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,13 +51,16 @@ class RunSettings:
 
 # negexp needs 4x the rollouts and 2x the steps (measured: with 64 samples per prompt the sampled
 # gradient's noise drives the KL to 2.7x its optimum early and it relaxes at a rate set by the tiny
-# beta, while the exact expected gradient converges in 400 steps; see the testbed results).
-BUDGETS = {"negexp": {"steps": 800, "samples_per_prompt": 256}}
+# beta, while the exact expected gradient converges in 400 steps; see the testbed results). The
+# sequence case has 512 responses per prompt, each needing its own tilt: 256 rollouts per prompt.
+BUDGETS = {("single", "negexp"): {"steps": 800, "samples_per_prompt": 256},
+           ("sequence", None): {"steps": 600, "samples_per_prompt": 256},
+           ("sequence", "negexp"): {"steps": 800, "samples_per_prompt": 256}}
 
 
-def settings_for(transform: str, base: RunSettings = RunSettings(), **overrides) -> RunSettings:
-    """The run settings of one transform: its budget, then any explicit overrides (None = keep)."""
-    changes = dict(BUDGETS.get(transform, {}))
+def settings_for(case: str, transform: str, base: RunSettings = RunSettings(), **overrides) -> RunSettings:
+    """The run settings of one (case, transform): its budget, then explicit overrides (None = keep)."""
+    changes = dict(BUDGETS.get((case, transform), BUDGETS.get((case, None), {})))
     changes.update({k: v for k, v in overrides.items() if v is not None})
     return dataclasses.replace(base, **changes)
 
@@ -127,7 +130,7 @@ class Case:
 
 
 def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
-                 run: RunSettings = RunSettings(), *, pool=None, ref_logp=None) -> Case:
+                 run: RunSettings = RunSettings(), *, pool=None, ref_logp=None, t: float | None = None) -> Case:
     """The trainer exactly as ``iapo ctrl`` builds it, with beta set so that its optimum has the KL."""
     if option not in OPTIONS:
         raise ValueError(f"unknown option {option!r}; choose one of {sorted(OPTIONS)}")
@@ -136,8 +139,9 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
     procedure, n = DEPLOYMENT[transform]
     ref_logp = exact.response_log_probs(setting.reference, setting) if ref_logp is None else ref_logp
     pool = reference_pool(setting, run.pool_size, run.seed) if pool is None else pool
-    probe = CTRLConfig(transform=transform, procedure=procedure, deploy_n=n, target_kl=target_kl)
-    t = resolve_t(probe)  # the closed form's best t for (procedure, N) at the target KL
+    probe = CTRLConfig(transform=transform, procedure=procedure, deploy_n=n, target_kl=target_kl,
+                       t=t if transform in ("exp", "negexp") else None)
+    t = resolve_t(probe)  # given, or the closed form's best t for (procedure, N) at the target KL
     phi = trainer_phi(setting, transform, t, pool)
     beta = exact.beta_for_kl(ref_logp, phi, target_kl)
     spec = setting.spec
@@ -158,10 +162,10 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
 
 
 def run_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
-             run: RunSettings = RunSettings(), *, pool=None, ref_logp=None,
+             run: RunSettings = RunSettings(), *, pool=None, ref_logp=None, t: float | None = None,
              log: Callable[[str], None] | None = None) -> CaseResult:
     """Train one (transform, target KL, option) and compare it with the exact optimum."""
-    case = prepare_case(setting, transform, target_kl, option, run, pool=pool, ref_logp=ref_logp)
+    case = prepare_case(setting, transform, target_kl, option, run, pool=pool, ref_logp=ref_logp, t=t)
     trainer, procedure, n, t, beta, phi = case.trainer, case.procedure, case.n, case.t, case.beta, case.phi
     ref_logp, opt_logp, pool, spec = case.ref_logp, case.opt_logp, case.pool, setting.spec
     table = setting.reward_table

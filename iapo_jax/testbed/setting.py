@@ -66,7 +66,7 @@ def spec_for(case: str, seed: int = 0) -> TestbedSpec:
     if case == "single":
         return TestbedSpec(case="single", vocab_size=1024, response_len=1, seed=seed).validate()
     if case == "sequence":
-        return TestbedSpec(case="sequence", vocab_size=12, response_len=3, init_scale=0.12,
+        return TestbedSpec(case="sequence", vocab_size=8, response_len=3, init_scale=0.12,
                            seed=seed).validate()
     raise ValueError(f"unknown testbed case {case!r}; choose one of {CASES}")
 

@@ -1,0 +1,38 @@
+"""Join the records of several ``iapo testbed`` runs into one table and one pair of figures.
+
+    python experiments/testbed/merge_testbed.py RUN_DIR RUN_DIR ... --out DIR
+
+Writes DIR/testbed.md (the summary line and one row per trained run), DIR/testbed.json (every
+record and learning curve), DIR/testbed_points.png and DIR/testbed_learning_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from iapo_jax.testbed import report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    records, curves = [], []
+    for run in args.runs:
+        payload = json.loads((run / "testbed.json").read_text())
+        records += payload["records"]
+        curves += payload["curves"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "testbed.json").write_text(json.dumps({"records": records, "curves": curves}, indent=1) + "\n")
+    table, summary = report.markdown_table(records), report.summary_line(records)
+    (args.out / "testbed.md").write_text(f"{summary}\n\n{table}\n")
+    report.plot_points(records, args.out / "testbed_points.png")
+    report.plot_learning_curves(records, curves, args.out / "testbed_learning_curves.png")
+    print(f"{summary}\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
