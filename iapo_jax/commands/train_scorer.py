@@ -215,7 +215,7 @@ def run(cfg: TrainScorerConfig) -> dict:
         from iapo_jax.data.fingerprint import fingerprint
 
         for split, data in rollouts.items():  # by content: .npz files carry their write time
-            ctx.fingerprint_output(f"{split}_rollouts", sha256=fingerprint(list(data.as_numpy())))
+            ctx.fingerprint_output(f"{split}_rollouts", sha256=fingerprint(jax.tree.leaves(data.as_numpy())))
 
         scorer = build_head_model("value", base, cfg.seed)
         ckpt = ctx.checkpointer(keep_last=2)
