@@ -18,25 +18,31 @@ from iapo_jax.decoding.inputs import prepare
 from iapo_jax.testbed import exact
 
 
-def exact_rollout(trainer, setting, phi: np.ndarray, ref_logp: np.ndarray) -> tuple[RolloutBatch, np.ndarray]:
+def fixed_rows(setting):
+    """The parts of the all-responses batch that never change: prompts (prepared as the trainer
+    prepares them), every response once per prompt, and their lengths."""
+    batch = prepare(setting.reference, list(setting.prompts), max_new_tokens=setting.spec.response_len,
+                    tokenizer=setting.tokenizer, key=0)
+    p, l = setting.spec.num_prompts, setting.spec.response_len
+    rows = p * setting.responses.shape[0]
+    return (batch.ids, batch.mask, jnp.asarray(np.tile(setting.responses, (p, 1))),
+            jnp.full((rows,), l, jnp.int32))
+
+
+def exact_rollout(trainer, setting, phi: np.ndarray, ref_logp: np.ndarray, fixed=None) -> tuple[RolloutBatch, np.ndarray]:
     """A rollout batch over every response whose policy-gradient loss has the exact gradient."""
+    ids, mask, tokens, lengths = fixed_rows(setting) if fixed is None else fixed
     tok_logp = exact.token_log_probs(trainer.current_policy(), setting)  # [P, Y, L]
     logp = exact.normalise_log(np.sum(tok_logp.astype(np.float64), axis=-1))
     shaped = phi - trainer.beta * (logp - ref_logp)
     pi = np.exp(logp)
     centred = shaped - np.sum(pi * shaped, axis=-1, keepdims=True)
-    y = setting.responses.shape[0]
-    adv = (y * pi * centred).reshape(-1).astype(np.float32)
-    batch = prepare(trainer.current_policy(), list(setting.prompts), max_new_tokens=setting.spec.response_len,
-                    tokenizer=setting.tokenizer, key=0)
-    p, l = setting.spec.num_prompts, setting.spec.response_len
+    adv = (setting.responses.shape[0] * pi * centred).reshape(-1).astype(np.float32)
+    per_token = jnp.asarray(tok_logp.reshape(tokens.shape))
     # old_logp = the current per-token log-probs: the PPO ratio is 1 and the loss gradient is
     # sum_y adv(y) grad log pi(y) / rows. ref_logp only feeds a KL-in-loss term, unused here.
-    rollout = RolloutBatch(prompt_ids=batch.ids, prompt_mask=batch.mask,
-                           tokens=jnp.asarray(np.tile(setting.responses, (p, 1))),
-                           lengths=jnp.full((p * y,), l, jnp.int32), advantages=jnp.asarray(adv),
-                           old_logp=jnp.asarray(tok_logp.reshape(p * y, l)),
-                           ref_logp=jnp.asarray(tok_logp.reshape(p * y, l)))
+    rollout = RolloutBatch(prompt_ids=ids, prompt_mask=mask, tokens=tokens, lengths=lengths,
+                           advantages=jnp.asarray(adv), old_logp=per_token, ref_logp=per_token)
     return rollout, logp
 
 
@@ -44,9 +50,10 @@ def train_on_expected_gradient(trainer, setting, phi, ref_logp, steps: int, ever
                                log=None) -> list[dict]:
     """`steps` updates of the trainer on the exact gradient; returns (step, KL, KL to optimum) points."""
     opt = exact.tilted(ref_logp, phi, trainer.beta)
+    fixed = fixed_rows(setting)
     points = []
     for step in range(steps + 1):
-        rollout, logp = exact_rollout(trainer, setting, phi, ref_logp)
+        rollout, logp = exact_rollout(trainer, setting, phi, ref_logp, fixed)
         if step % every == 0 or step == steps:
             point = {"step": step, "kl": float(np.mean(exact.kl_per_prompt(logp, ref_logp))),
                      "kl_to_optimum": float(np.mean(exact.kl_per_prompt(logp, opt)))}

@@ -8,9 +8,6 @@ from pathlib import Path
 
 from iapo_jax.theory.curves import procedure_name
 
-COLUMNS = ("case", "transform", "option", "procedure", "beta", "t", "steps", "kl", "optimum_kl",
-           "win_rate", "optimum_win_rate", "closed_form_win_rate_at_kl", "seconds")
-
 
 def _fmt(value) -> str:
     if value is None:

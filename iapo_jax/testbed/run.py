@@ -91,8 +91,10 @@ def trainer_phi(setting: ExactSetting, transform: str, t: float | None, pool) ->
 
 def closed_form_at(transform: str, procedure: str, n: int, t: float | None, kl: float) -> float | None:
     """The closed form's win rate of this transform's tilt at KL ``kl`` (None for the raw reward)."""
-    if transform == "raw" or not kl > 1e-6:
-        return None if transform == "raw" else 0.5
+    if transform == "raw":
+        return None
+    if not kl > 1e-6:  # pi_ref itself
+        return 0.5
     from iapo_jax.theory.analysis import analyse
 
     return float(analyse(procedure, n, transform, kl=kl, t=t).win_rate)
@@ -106,8 +108,8 @@ def evaluate(logp, ref_logp, table, procedure: str, n: int) -> dict:
         "kl_per_prompt": [float(k) for k in kl],
         "win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, procedure, n))),
         "standard_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table))),
-        f"bon{4}_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "bon", 4))),
-        f"won{4}_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "won", 4))),
+        "bon4_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "bon", 4))),
+        "won4_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "won", 4))),
     }
 
 

@@ -138,9 +138,6 @@ class ExactSetting:
     def reward_table(self) -> np.ndarray:
         return self.reward.table
 
-    def response_texts(self) -> list[str]:
-        return [self.tokenizer.decode(r) for r in self.responses]
-
     def new_policy(self) -> Transformer:
         """A fresh copy of the reference weights (the policy starts at pi_ref)."""
         graphdef, state = nnx.split(self.reference)
