@@ -49,6 +49,11 @@ class CommonOptions:
     resume: bool = False
     """Jobs that checkpoint (ctrl, train-rm, train-scorer): continue the run in --run-dir from its
     latest checkpoint, with the settings of its record (ctrl: only --steps may change)."""
+    allow_changes: bool = False
+    """With --resume: continue even though settings other than those may change (the record lists
+    each change; the continued run is then not the run that was started)."""
+    quiet: bool = False
+    """No progress bars or progress lines (the summary and errors still print)."""
     coordinator: str | None = None
     """Multi-process runs: HOST:PORT of process 0 (or IAPO_COORDINATOR; automatic on TPU pods)."""
     num_processes: int | None = None
@@ -57,7 +62,7 @@ class CommonOptions:
     """Multi-process runs: this process's index (or IAPO_PROCESS_ID)."""
 
 
-RESUME_FLAGS = ("resume",)
+RESUME_FLAGS = ("resume", "allow_changes")
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 
 
@@ -66,6 +71,8 @@ def job_option_names(module: Any) -> tuple[str, ...]:
     only where it can run on several processes."""
     from iapo_jax.commands.resume import is_resumable
 
+    if getattr(module, "RECORDLESS", False):  # reads records, writes none (`iapo runs`)
+        return ()
     names = [f.name for f in dataclasses.fields(CommonOptions)]
     if not is_resumable(module):
         names = [n for n in names if n not in RESUME_FLAGS]
@@ -103,6 +110,8 @@ def split_common_options(args: Sequence[str], module: Any = None
     parser.add_argument("--config", type=Path)
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--allow-changes", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -111,13 +120,22 @@ def split_common_options(args: Sequence[str], module: Any = None
     if module is not None:
         allowed = job_option_names(module)
         job = module.__name__.rsplit(".", 1)[-1].replace("_", "-")
-        if common.resume and "resume" not in allowed:
+        if getattr(module, "RECORDLESS", False):
+            given = [f.name for f in dataclasses.fields(CommonOptions)
+                     if getattr(common, f.name) not in (None, False)]
+            if given:
+                raise UsageError(f"`iapo {job}` writes no run record and takes none of the jobs' "
+                                 f"options; drop --{given[0].replace('_', '-')}")
+        if (common.resume or common.allow_changes) and "resume" not in allowed:
             raise UsageError(f"`iapo {job}` saves no checkpoints, so it has no --resume; run it "
                              "again into a new --run-dir")
         given = [n for n in DISTRIBUTED_FLAGS if getattr(common, n) is not None]
         if given and DISTRIBUTED_FLAGS[0] not in allowed:
             flags = ", ".join("--" + n.replace("_", "-") for n in given)
             raise UsageError(f"`iapo {job}` runs in a single process; drop {flags}")
+        if common.allow_changes and not common.resume:
+            raise UsageError("--allow-changes only goes with --resume (it lets a resumed run "
+                             "change recorded settings); add --resume or drop it")
     return common, rest
 
 
@@ -243,23 +261,33 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions,
 def _run(name: str, args: list[str]) -> int:
     from iapo_jax.commands import resume as resuming
     from iapo_jax.commands.common import run_job
+    from iapo_jax.commands.option_checks import check_options
     from iapo_jax.parallel.distributed import initialize_distributed
+    from iapo_jax.runtime.progress import quiet_progress
 
     job = load_job(name)
     common, job_args = split_common_options(args, job.module)
     previous = resuming.load_previous(name, common.run_dir) if common.resume else None
     cfg = _parse_job_config(job, job_args, common, previous and previous["config"])
+    if getattr(job.module, "RECORDLESS", False):
+        check_options(cfg)
+        return int(job.run(cfg) or EXIT_OK)
+    extra = {}
     if previous is not None:
-        changes = resuming.check_changes(job.module, name, previous["config"], cfg)
+        changes = resuming.check_changes(job.module, name, previous["config"], cfg,
+                                         allow=common.allow_changes)
         if resuming.nothing_to_do(previous, changes):
             print(resuming.noop_message(name, common.run_dir, previous, job.module), file=sys.stderr)
             return EXIT_OK
+        extra = resuming.allowed_changes_extra(job.module, previous, changes)
+    check_options(cfg)  # rates, sizes and dtypes no job can use, before any job code runs
     initialize_distributed(common.coordinator, common.num_processes, common.process_id)
-    if getattr(job.module, "MANAGES_RUN_DIR", False):
-        job.run(cfg, run_dir=common.run_dir)
-        return EXIT_OK
-    ctx = run_job(job, cfg, run_dir=common.run_dir, resume=common.resume,
-                  argv=["iapo", name, *args])
+    with quiet_progress(common.quiet):
+        if getattr(job.module, "MANAGES_RUN_DIR", False):
+            job.run(cfg, run_dir=common.run_dir)
+            return EXIT_OK
+        ctx = run_job(job, cfg, run_dir=common.run_dir, resume=common.resume,
+                      argv=["iapo", name, *args], extra=extra)
     if ctx.status == "preempted":
         print(_stopped_message(name, "preempted", ctx.run_dir, ctx.record.data["checkpoints"]),
               file=sys.stderr)

@@ -90,6 +90,18 @@ class CTRLConfig:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive (got {self.learning_rate}); try 1e-5")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (got {self.max_grad_norm}); it clips "
+                             "the gradient norm, and 0 would zero every update (try 1.0)")
+        if self.clip_eps is not None and not self.clip_eps > 0:
+            raise ValueError(f"clip_eps must be positive (got {self.clip_eps}); PPO clips the ratio "
+                             "to [1 - eps, 1 + eps], try 0.2, or leave it unset for REINFORCE")
+        if not self.kl_controller_gain >= 0:
+            raise ValueError(f"kl_controller_gain must be >= 0 (got {self.kl_controller_gain})")
+        if self.lora_rank > 0 and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive (got {self.lora_alpha}); try 16")
         losses.get_kl_estimator(self.kl_estimator)
         if self.kl_in_loss:
             losses.check_kl_loss_estimator(self.kl_estimator)

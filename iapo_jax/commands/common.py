@@ -69,8 +69,22 @@ def check_new_run_dir(path: Path, *, resumable: bool = True) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
-        raise RunDirError(f"cannot create --run-dir {path}: {ancestor} is not a writable folder; "
-                          "choose a folder you can write to")
+        raise RunDirError(f"cannot create the run directory {path}: {ancestor} is not a writable "
+                          "folder; pass a --run-dir you can write to")
+
+
+@contextlib.contextmanager
+def _unwritable(path: Path) -> Iterator[None]:
+    """A run directory that cannot be written (a read-only filesystem, a full disk, no permission)
+    is bad input: one line naming the folder and the reason, before any compute."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, IapoError):
+            raise
+        reason = err.strerror or type(err).__name__
+        raise RunDirError(f"cannot write the run directory {path} ({reason}); choose a --run-dir "
+                          "on a writable filesystem") from None
 
 
 def current_context() -> "JobContext | None":
@@ -146,7 +160,7 @@ class JobContext:
             self._previous = load_previous(self.job, requested)  # says how to fix it
             return requested
         if requested is None:
-            return _agree_across_processes(new_run_dir(self.job))
+            requested = _agree_across_processes(new_run_dir(self.job))
         check_new_run_dir(requested, resumable=self.resumable)
         return requested
 
@@ -158,7 +172,8 @@ class JobContext:
         self.is_main = is_main_process()
         self._created_dir = not self.run_dir.exists()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with _unwritable(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record = RunRecord(self.run_dir, self.job, self.config, argv=self._argv)
         if self._previous is not None:
             # Until this attempt has saved something new, the previous record is the truth.
@@ -172,8 +187,14 @@ class JobContext:
             leaf = name.rsplit(".", 1)[-1]
             if (leaf == "seed" or leaf.endswith("_seed")) and isinstance(value, int):
                 self.record.add_seed(name, value)
-        self.metrics = MetricsWriter(self.run_dir, tensorboard=self._tensorboard)
-        self.record.write()
+        try:
+            with _unwritable(self.run_dir):
+                self.metrics = MetricsWriter(self.run_dir, tensorboard=self._tensorboard)
+                self.record.write()
+        except RunDirError:
+            if self._created_dir and self.is_main:  # leave nothing half-made behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self._signals = signals.install()
         self._token = _current.set(self)
         return self
@@ -263,7 +284,8 @@ class JobContext:
         return self.record.timer(name)
 
     def progress(self, iterable=None, **kwargs):
-        """A progress bar (rate, ETA) shown only to a human on process 0."""
+        """Progress of a loop on process 0: a bar (rate, ETA) in a terminal or notebook, a line
+        every 30 s in a log, nothing with --quiet (see ``runtime.progress``)."""
         from iapo_jax.runtime.progress import progress
 
         return progress(iterable, **kwargs)

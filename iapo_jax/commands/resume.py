@@ -3,8 +3,10 @@
 Only jobs that checkpoint (module attribute ``RESUMABLE = True``) resume. The record's config is
 the starting point; flags given with ``--resume`` may change only the keys the job lists in
 ``RESUME_SAFE`` (``steps`` may only grow), because anything else would make the continued run a
-different run. Every check here reads the record only, so a refusal costs no model load and
-leaves the record byte for byte as it was.
+different run. ``--allow-changes`` lets other changes through on purpose; the record then lists
+them under ``extra.allowed_changes`` (with the checkpoint they started from), since the continued
+run is no longer the one that was started. Every check here reads the record only, so a refusal
+costs no model load and leaves the record byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -73,25 +75,52 @@ def changed_keys(recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
             if old.get(k) != new.get(k)}
 
 
-def check_changes(module: Any, job: str, recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
-    """Refuse a resume that changes anything but the job's safe keys; returns the changes."""
+def check_changes(module: Any, job: str, recorded: Any, config: Any, *, allow: bool = False
+                  ) -> dict[str, tuple[Any, Any]]:
+    """Refuse a resume that changes anything but the job's safe keys (unless ``allow``, from
+    --allow-changes); returns the changes."""
     changes = changed_keys(recorded, config)
-    safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
-    refused = {k: v for k, v in changes.items() if k not in safe}
-    if refused:
+    refused = unsafe_changes(module, recorded, changes)
+    if refused and not allow:
+        safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
         listed = "; ".join(f"--{k.replace('_', '-')} recorded {old!r}, now {new!r}"
                            for k, (old, new) in refused.items())
         allowed = (f" (only {', '.join('--' + k.replace('_', '-') for k in safe)} may change)"
                    if safe else "")
         raise ResumeError(f"--resume continues the recorded run, but these settings differ: "
-                          f"{listed}; drop those flags to continue it{allowed}, or start a new run "
-                          "in a new --run-dir")
+                          f"{listed}; drop those flags to continue it{allowed}, add "
+                          "--allow-changes to continue with them anyway, or start a new run in a "
+                          "new --run-dir")
     if "steps" in changes:
         old, new = changes["steps"]
         if isinstance(old, int) and isinstance(new, int) and new < old:
             raise ResumeError(f"--steps {new} is below the {old} steps the run was set to; "
                               f"--steps can only grow on --resume (pass --steps {old} or more)")
     return changes
+
+
+def unsafe_changes(module: Any, recorded: Any, changes: dict[str, tuple[Any, Any]]
+                   ) -> dict[str, tuple[Any, Any]]:
+    """The changes outside the job's safe keys (those that make the continued run another run)."""
+    safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
+    return {k: v for k, v in changes.items() if k not in safe}
+
+
+ALLOWED_CHANGES = "allowed_changes"  # the record's extra: what --allow-changes let through
+
+
+def allowed_changes_extra(module: Any, record: dict, changes: dict[str, tuple[Any, Any]]
+                          ) -> dict[str, Any]:
+    """The record's note of the changes --allow-changes let through, this attempt's added to
+    earlier ones, so the record says the run is not the one that was started."""
+    earlier = list((record.get("extra") or {}).get(ALLOWED_CHANGES, []))
+    unsafe = unsafe_changes(module, record.get("config"), changes)
+    if not unsafe:
+        return {ALLOWED_CHANGES: earlier} if earlier else {}
+    step = max(record.get("checkpoints") or [0])
+    earlier.append({"from_checkpoint": step,
+                    "changes": {k: {"recorded": old, "now": new} for k, (old, new) in unsafe.items()}})
+    return {ALLOWED_CHANGES: earlier}
 
 
 def nothing_to_do(record: dict, changes: dict) -> bool:
