@@ -6,6 +6,7 @@ pool (prompts, responses, sorted scores and the sampling settings in its meta) i
 
     iapo calibrate --reward vader --samples 32 --num-prompts 64
     iapo calibrate --prompts-file prompts.jsonl --reward length --reward-options target=40
+    iapo calibrate --reward runs/train-rm-...          (a trained reward model; any reward spec)
 
 Final metrics: reward mean/std/min/max, the tie fraction (chance that two reference samples of a
 prompt tie, where the mid-rank rule matters), mean response length, and ``pool_digest``, the first
@@ -47,9 +48,11 @@ class CalibrateConfig:
     samples: int = 16
     """m, reference samples per prompt (calibration resolution is 1/m; around 100 is typical)."""
     reward: str = "vader"
-    """Registered reward to calibrate (vader, textblob, harmlessness, length, reward_model, ...)."""
+    """Reward spec to calibrate: a packaged scorer (vader, textblob, harmlessness,
+    length[:key=value]), an `iapo train-rm` or `iapo train-scorer` run directory, or a weighted sum
+    (0.7*vader+0.3*RUN_DIR)."""
     reward_options: tuple[str, ...] = ()
-    """KEY=VALUE options of the reward, e.g. target=20 for length or path=RUN_DIR for reward_model."""
+    """KEY=VALUE options of a single-term reward, e.g. target=20 for length."""
     max_new_tokens: int = 32
     """Response length limit in tokens."""
     temperature: float = 1.0
@@ -77,10 +80,14 @@ def check_config(cfg: CalibrateConfig) -> None:
                             f"reference samples; around 100 is typical), got {cfg.samples}")
 
 
-def pool_meta(cfg: CalibrateConfig, source: str, reward_options: dict) -> dict:
-    """What a pool's user needs to sample its policy the same way and score it with the same reward."""
-    return {"job": "calibrate", "model": source, "dtype": cfg.dtype, "reward": cfg.reward,
-            "reward_options": reward_options, "samples": cfg.samples,
+def pool_meta(cfg: CalibrateConfig, source: str, reward_options: dict, spec=None) -> dict:
+    """What a pool's user needs to sample its policy the same way and score it with the same reward
+    (``spec``: the parsed reward spec; without it, cfg.reward with ``reward_options``)."""
+    from iapo_jax.commands.job_inputs import spec_meta
+
+    reward = spec_meta(spec) if spec is not None else {"reward": cfg.reward,
+                                                       "reward_options": reward_options}
+    return {"job": "calibrate", "model": source, "dtype": cfg.dtype, **reward, "samples": cfg.samples,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "chat_template": True}
 
@@ -90,12 +97,13 @@ def run(cfg: CalibrateConfig) -> dict:
 
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.job_inputs import (
+        build_reward,
         check_distinct,
         load_model_and_tokenizer,
         load_prompts,
-        make_reward,
-        parse_key_values,
+        record_reward,
         resolve_model_source,
+        reward_spec,
     )
     from iapo_jax.commands.job_outputs import digest_number, tie_fraction
     from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
@@ -110,11 +118,11 @@ def run(cfg: CalibrateConfig) -> dict:
                                categories=cfg.prompt_categories, num_prompts=cfg.num_prompts,
                                seed=cfg.prompt_seed)
         check_distinct(prompts)
-        options = parse_key_values(cfg.reward_options, "--reward-options")
-        reward = make_reward(cfg.reward, options)
+        spec = reward_spec(cfg.reward, cfg.reward_options, policy=source)
+        reward = build_reward(spec)
         ctx.add_data("prompts", prompts, count=len(prompts))
         ctx.fingerprint_model("model", source)
-        ctx.fingerprint_reward("reward", cfg.reward, options)
+        record_reward(ctx, "reward", spec)
         with ctx.timer("load_model"):
             model, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
         mesh = decoding_mesh(cfg.data)
@@ -147,7 +155,7 @@ def run(cfg: CalibrateConfig) -> dict:
         responses = np.asarray(texts, dtype=object).reshape(len(prompts), m).tolist() \
             if cfg.keep_responses else None
         pool = ReferencePool.build(prompts, scores, responses=responses,
-                                   meta=pool_meta(cfg, source, options))
+                                   meta=pool_meta(cfg, source, {}, spec))
         pool_dir = ctx.run_dir / POOL_DIR
         if is_main_process():
             pool.save(pool_dir)

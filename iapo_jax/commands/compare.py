@@ -10,10 +10,25 @@ from iapo_jax.evaluation.comparison import CompareConfig
 
 def run(cfg: CompareConfig) -> dict:
     from iapo_jax.commands.common import job_context
+    from iapo_jax.commands.job_inputs import (
+        JobInputError,
+        build_reward,
+        record_reward,
+        resolve_model_source,
+        reward_spec,
+    )
     from iapo_jax.evaluation.comparison import run_comparison
 
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise JobInputError(str(err)) from None
+    # Bad models or rewards are one-line errors before anything loads.
+    source = resolve_model_source(cfg.model)
+    spec = reward_spec(cfg.reward, policy=source)
+    reward = build_reward(spec)
     with job_context("compare", cfg) as ctx:
-        ctx.fingerprint_model("model", cfg.model)
-        ctx.fingerprint_reward("reward", cfg.reward)
-        return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr))
+        ctx.fingerprint_model("model", source)
+        record_reward(ctx, "reward", spec)
+        return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr), reward=reward,
+                              model_source=source)

@@ -13,7 +13,7 @@ import sys
 
 from iapo_jax.alignment.ctrl_config import CTRLConfig
 from iapo_jax.commands.configs import MeshFlags
-from iapo_jax.commands.job_inputs import JobInputError
+from iapo_jax.commands.job_inputs import JobInputError, resolve_model_source
 
 RESUMABLE = True
 # With the constant learning rate, more steps continue the same run exactly; a cosine schedule
@@ -31,11 +31,17 @@ class CtrlJobConfig(CTRLConfig, MeshFlags):
     """CTRL training: the CTRLConfig fields plus the model, reward, data and checkpoint settings."""
 
     model: str = "smollm2-135m-instruct"
-    """Reference model and starting policy: HF directory, .gguf file or 'smollm2-135m-instruct'."""
+    """Reference model pi_ref (calibration pool, KL) and, without --init-policy, the starting
+    policy: HF directory, .gguf file, 'smollm2-135m-instruct', or a ctrl/compare run directory
+    (its trained policy)."""
+    init_policy: str | None = None
+    """Starting policy when it is not pi_ref, e.g. an earlier ctrl run directory trained further
+    against the original --model (default: --model)."""
     dtype: str = "float32"
     """Parameter and compute dtype (float32 or bfloat16)."""
     reward: str = "vader"
-    """Registered reward (vader, textblob, harmlessness, length)."""
+    """Reward spec: a packaged scorer (vader, textblob, harmlessness, length[:key=value]), an
+    `iapo train-rm` or `iapo train-scorer` run directory, or a weighted sum (0.7*vader+0.3*RUN)."""
     train_prompts: int = 32
     """Training prompts from the chatterbot-corpus train split (ignored with --pool-dir)."""
     pool_dir: str | None = None
@@ -69,24 +75,31 @@ def check_config(cfg: CtrlJobConfig) -> None:
     if cfg.pool_dir is None and cfg.transform != "raw" and cfg.pool_size < 2:
         raise JobInputError(f"--pool-size must be at least 2 (calibration ranks a response among "
                             f"the reference samples of its prompt), got {cfg.pool_size}")
-    from iapo_jax.rewards.registry import available_rewards
+    from iapo_jax.commands.job_inputs import reward_spec
 
-    if cfg.reward not in available_rewards():
-        raise JobInputError(f"unknown reward {cfg.reward!r}; choose one of "
-                            f"{', '.join(available_rewards())}")
+    reward_spec(cfg.reward)  # names, options and paths; the vocabulary is checked in run()
 
 
 def check_pool(cfg: CtrlJobConfig, meta: dict, pool_dir) -> None:
     """A pool calibrates this run only if it was scored and sampled as this run scores and samples
     (the pool's meta, written by `iapo calibrate`)."""
-    wanted = {"reward": cfg.reward, "reward_options": {}, "max_new_tokens": cfg.max_new_tokens,
-              "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0}
+    from iapo_jax.commands.job_inputs import reward_spec, same_reward
+
+    if "reward" in meta:
+        pool_reward = reward_spec(meta["reward"], dict(meta.get("reward_options") or {}),
+                                  flag=f"the reward of --pool-dir {pool_dir}")
+        if not same_reward(pool_reward, reward_spec(cfg.reward)):
+            raise JobInputError(
+                f"--pool-dir {pool_dir} was scored with reward {str(pool_reward)!r} but this run "
+                f"uses {cfg.reward!r}; calibration needs both scored alike: pass --reward "
+                f"{str(pool_reward)!r} or build a pool with `iapo calibrate --reward {cfg.reward}`")
+    wanted = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": 0,
+              "top_p": 1.0}
     for key, value in wanted.items():
-        if key not in meta or (key == "reward_options" and not meta[key]):
+        if key not in meta:
             continue
         if meta[key] != value:
-            flag = {"reward_options": "reward options", "top_k": "top-k", "top_p": "top-p"}.get(
-                key, "--" + key.replace("_", "-"))
+            flag = {"top_k": "top-k", "top_p": "top-p"}.get(key, "--" + key.replace("_", "-"))
             raise JobInputError(
                 f"--pool-dir {pool_dir} was built with {key.replace('_', ' ')} {meta[key]!r} but "
                 f"this run uses {value!r}; calibration needs both scored and sampled alike: pass "
@@ -101,10 +114,32 @@ def check_pool(cfg: CtrlJobConfig, meta: dict, pool_dir) -> None:
 def _same_model(a: str, b: str) -> bool:
     from pathlib import Path
 
+    from iapo_jax.errors import IapoError
+
     if a == b:
         return True
+    try:  # a run directory stands for the policy it exported
+        a, b = resolve_model_source(a), resolve_model_source(b)
+    except IapoError:
+        pass
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_models(cfg: CtrlJobConfig) -> tuple[str, str]:
+    """(reference, starting policy) sources, resolved and checked (configs only) before any load:
+    both must exist and share one vocabulary."""
+    from iapo_jax.models.checkpoints import load_config
+
+    reference = resolve_model_source(cfg.model)
+    init = resolve_model_source(cfg.init_policy) if cfg.init_policy else reference
+    if init != reference:
+        a, b = load_config(reference).vocab_size, load_config(init).vocab_size
+        if a != b:
+            raise JobInputError(f"--init-policy {cfg.init_policy} has a vocabulary of {b} tokens but "
+                                f"the reference --model has {a}; start from a policy of the "
+                                "reference's model family")
+    return reference, init
 
 
 def run(cfg: CtrlJobConfig) -> dict:
@@ -114,9 +149,8 @@ def run(cfg: CtrlJobConfig) -> dict:
     from iapo_jax.alignment.ctrl import CTRLTrainer
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.eval import pool_directory
-    from iapo_jax.commands.job_inputs import resolve_model_source
+    from iapo_jax.commands.job_inputs import build_reward, record_reward, reward_spec
     from iapo_jax.data.prompts import load_chat_prompts
-    from iapo_jax.rewards import get_reward
     from iapo_jax.rewards.calibration import ReferencePool
     from iapo_jax.rewards.pools import sample_reference_pool
     from iapo_jax.runtime import signals
@@ -127,14 +161,20 @@ def run(cfg: CtrlJobConfig) -> dict:
         pool_dir = pool_directory(cfg.pool_dir)
         pool = ReferencePool.load(pool_dir)
         check_pool(cfg, pool.meta, cfg.pool_dir)
-    resolve_model_source(cfg.model)  # a bad --model is a one-line error before anything runs
-    reward = get_reward(cfg.reward)
+    # Bad models or rewards are one-line errors before anything loads.
+    ref_source, init_source = check_models(cfg)
+    spec = reward_spec(cfg.reward, policy=ref_source)
+    reward = build_reward(spec)
     with job_context("ctrl", cfg) as ctx:
         mesh = ctx.mesh(cfg)
-        ctx.fingerprint_model("model", cfg.model)
-        ctx.fingerprint_reward("reward", cfg.reward)
-        reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
-        tokenizer = iapo_jax.load_tokenizer(cfg.model)
+        ctx.fingerprint_model("model", ref_source)
+        if init_source != ref_source:
+            ctx.fingerprint_model("init_policy", init_source)
+        # Which model is pi_ref matters once a trained policy starts a run: say so in the record.
+        ctx.record.set_extra("models", {"reference": ref_source, "init_policy": init_source})
+        record_reward(ctx, "reward", spec)
+        reference = iapo_jax.load_model(ref_source, dtype=cfg.dtype)
+        tokenizer = iapo_jax.load_tokenizer(ref_source)
         if pool is None and cfg.transform != "raw":
             prompts = load_chat_prompts("train", limit=cfg.train_prompts, seed=cfg.seed)
             with ctx.timer("calibrate"):
@@ -147,7 +187,7 @@ def run(cfg: CtrlJobConfig) -> dict:
         ctx.add_data("train_prompts", prompts)
         if pool is not None:
             ctx.add_data("pool", pool.fingerprint())
-        policy = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
+        policy = iapo_jax.load_model(init_source, dtype=cfg.dtype)
         trainer = CTRLTrainer(cfg, policy, reference, tokenizer, reward, pool, prompts,
                               probe_prompts=prompts if cfg.probe_every else (), mesh=mesh)
         ckpt = ctx.checkpointer(keep_last=cfg.keep_last, save_every=cfg.save_every)

@@ -5,6 +5,8 @@ token-level controlled decoding, and write them to ``samples.jsonl`` in the run 
     iapo generate --mode bon --n 8 --reward vader
     iapo generate --mode blockwise --n 4 --block-size 8 --scorer runs/train-scorer-...   (or a reward)
     iapo generate --mode token-cd --scorer runs/train-scorer-... --lam 2 --cd-top-k 10
+    iapo generate --mode blockwise --scorer 0.7*runs/train-scorer-...+0.3*vader   (multi-objective)
+    iapo generate --model runs/ctrl-...                (the policy a ctrl run trained)
 
 Each line of samples.jsonl is one served response: prompt_index, prompt, sample, response,
 num_tokens, and the reward (when --reward is given) or the decoding method's own scores.
@@ -61,13 +63,15 @@ class GenerateConfig:
     seed: int = 0
     """Sampling seed."""
     reward: str | None = None
-    """Registered reward (vader, textblob, harmlessness, length, reward_model, ...): selects the
-    response in bon/won and scores the served responses in every mode."""
+    """Reward spec (a packaged scorer such as vader or length:target=20, an `iapo train-rm` or
+    `iapo train-scorer` run directory, or a weighted sum 0.7*vader+0.3*RUN): selects the response
+    in bon/won and scores the served responses in every mode."""
     reward_options: tuple[str, ...] = ()
-    """KEY=VALUE options of the reward, e.g. target=20 for length or path=RUN_DIR for reward_model."""
+    """KEY=VALUE options of a single-term reward, e.g. target=20 for length."""
     scorer: str | None = None
-    """Prefix scorer for blockwise/token-cd: the run directory of `iapo train-scorer`; blockwise
-    also takes a registered reward name (scored on the partial text)."""
+    """Scorer spec for blockwise/token-cd: an `iapo train-scorer` run directory (a prefix scorer,
+    run on the policy's tokens), or for blockwise any reward spec (text terms score the partial
+    text), e.g. 0.7*runs/scorer+0.3*vader."""
     block_size: int = 8
     """Blockwise CD: tokens per block (M)."""
     lam: float = 1.0
@@ -82,7 +86,8 @@ class GenerateConfig:
 
 def check_config(cfg: GenerateConfig) -> None:
     """Reject what cannot work before loading anything."""
-    from iapo_jax.commands.job_inputs import check_sampling, is_reward_name
+    from iapo_jax.commands.job_inputs import check_sampling, reward_spec
+    from iapo_jax.rewards.spec import RewardSpecError, check_on_tokens
 
     check_sampling(cfg)
     if cfg.mode in ("bon", "won") and not cfg.reward:
@@ -92,11 +97,10 @@ def check_config(cfg: GenerateConfig) -> None:
         raise JobInputError(f"--mode {cfg.mode} needs --scorer: the run directory of "
                             "`iapo train-scorer`" + (" or a reward name" if cfg.mode == "blockwise" else ""))
     if cfg.mode == "token-cd":
-        if is_reward_name(cfg.scorer) and not Path(cfg.scorer).exists():
-            raise JobInputError(f"token-level CD scores candidate tokens inside the compiled loop, so "
-                                f"--scorer must be a trained prefix scorer (an `iapo train-scorer` run "
-                                f"directory), not the reward {cfg.scorer!r}; rewards on text work "
-                                "with --mode blockwise")
+        try:
+            check_on_tokens(reward_spec(cfg.scorer, flag="--scorer"), "token-level CD (--scorer)")
+        except RewardSpecError as err:
+            raise JobInputError(str(err)) from None
         if cfg.top_k or cfg.top_p < 1:
             raise JobInputError("--mode token-cd draws from its own top --cd-top-k tokens; leave "
                                 "--top-k and --top-p at their defaults")
@@ -105,17 +109,18 @@ def check_config(cfg: GenerateConfig) -> None:
                             "drop it or change --mode")
     if cfg.reward_options and not cfg.reward:
         raise JobInputError("--reward-options given without --reward")
+    if cfg.reward:
+        reward_spec(cfg.reward, cfg.reward_options)
+    if cfg.scorer:
+        reward_spec(cfg.scorer, flag="--scorer")
 
 
-def _scorer(cfg: GenerateConfig, model):
-    from iapo_jax.commands.job_inputs import is_reward_name, load_prefix_scorer, make_reward
+def _scorer(spec, model):
+    """The (scorer, weight) pairs of a --scorer spec, or the one scorer when it is a single term."""
+    from iapo_jax.rewards.spec import build_scorers
 
-    if is_reward_name(cfg.scorer) and not Path(cfg.scorer).exists():
-        return make_reward(cfg.scorer)
-    if not Path(cfg.scorer).exists():
-        raise JobInputError(f"--scorer {cfg.scorer!r} is neither a run directory nor a registered "
-                            "reward; pass an `iapo train-scorer` run directory or a reward name")
-    return load_prefix_scorer(cfg.scorer, model)
+    pairs = build_scorers(spec, model)
+    return pairs[0][0] if len(pairs) == 1 and pairs[0][1] == 1.0 else pairs
 
 
 def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, mesh, bucket):
@@ -158,11 +163,12 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
 def run(cfg: GenerateConfig) -> dict:
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.job_inputs import (
+        build_reward,
         load_model_and_tokenizer,
         load_prompts,
-        make_reward,
-        parse_key_values,
+        record_reward,
         resolve_model_source,
+        reward_spec,
     )
     from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
     from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
@@ -175,21 +181,18 @@ def run(cfg: GenerateConfig) -> dict:
         prompts = load_prompts(cfg.prompts_file, split=cfg.prompt_split,
                                categories=cfg.prompt_categories, num_prompts=cfg.num_prompts,
                                seed=cfg.prompt_seed)
-        reward = make_reward(cfg.reward, parse_key_values(cfg.reward_options, "--reward-options")) \
-            if cfg.reward else None
+        reward_of = reward_spec(cfg.reward, cfg.reward_options, policy=source) if cfg.reward else None
+        scorer_of = reward_spec(cfg.scorer, flag="--scorer", policy=source) if cfg.scorer else None
+        reward = build_reward(reward_of) if reward_of is not None else None
         ctx.add_data("prompts", prompts, count=len(prompts))
         ctx.fingerprint_model("model", source)
-        if cfg.reward:
-            ctx.fingerprint_reward("reward", cfg.reward,
-                                   parse_key_values(cfg.reward_options, "--reward-options"))
-        if cfg.scorer:
-            if Path(cfg.scorer).exists():
-                ctx.fingerprint_input("scorer", cfg.scorer)
-            else:
-                ctx.fingerprint_reward("scorer", cfg.scorer)
+        if reward_of is not None:
+            record_reward(ctx, "reward", reward_of)
+        if scorer_of is not None:
+            record_reward(ctx, "scorer", scorer_of)
         with ctx.timer("load_model"):
             model, tokenizer = load_model_and_tokenizer(source, cfg.dtype)
-            scorer = _scorer(cfg, model) if cfg.scorer else None
+            scorer = _scorer(scorer_of, model) if scorer_of is not None else None
         mesh = decoding_mesh(cfg.data)
         if mesh is not None:
             ctx.set_mesh(mesh)

@@ -17,6 +17,7 @@ from iapo_jax.errors import IapoError
 
 DEFAULT_CHAT_PROMPTS = 16  # chatterbot prompts taken when --num-prompts is not given
 POLICY_EXPORT_DIR = "policy"  # a training run's exported policy (HF format) inside its run dir
+POLICIES_DIR = "policies"  # a compare run's trained policies, one folder per method
 
 
 class JobInputError(IapoError, ValueError):
@@ -169,19 +170,72 @@ def check_sampling(cfg: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_reward(name: str, options: dict[str, Any] | None = None):
-    """A registered reward built with ``options``; unknown names, bad options and missing optional
-    packages become JobInputError."""
-    from iapo_jax.rewards.registry import available_rewards, get_reward
+def reward_spec(text: str | None, options: Sequence[str] | dict | None = (), *, flag: str = "--reward",
+                policy: str | None = None):
+    """The parsed reward spec of a job (see ``iapo_jax.rewards.spec``), checked before any model
+    loads: names, options and paths, and (given the policy's source) that every trained term was
+    trained on the policy's vocabulary. ``options``: the ``--reward-options`` KEY=VALUE items."""
+    from iapo_jax.rewards.spec import RewardSpecError, check_fits, parse_reward_spec
 
-    if name not in available_rewards():
-        raise JobInputError(f"unknown reward {name!r}; choose one of {', '.join(available_rewards())}")
+    if not isinstance(options, dict):
+        options = parse_key_values(options or (), "--reward-options")
     try:
-        return get_reward(name, **(options or {}))
+        spec = parse_reward_spec(text or "", options, flag=flag)
+        if policy is not None:
+            check_fits(spec, policy, flag=flag)
+    except RewardSpecError as err:
+        raise JobInputError(str(err)) from None
+    return spec
+
+
+def build_reward(spec):
+    """The ``Reward`` of a parsed spec; a missing optional package or a bad option is one line."""
+    from iapo_jax.rewards.spec import build_reward as build
+
+    try:
+        return build(spec)
     except ImportError as err:
         raise JobInputError(str(err).splitlines()[0]) from None
     except TypeError as err:  # an option the reward does not take
-        raise JobInputError(f"reward {name!r} does not accept options {options}: {err}") from None
+        raise JobInputError(f"reward {spec} does not accept its options: {err}") from None
+
+
+def make_reward(name: str, options: dict[str, Any] | None = None):
+    """The reward of a spec string (a registered name, a trained run directory, a weighted sum)
+    built with ``options``; every problem becomes one JobInputError line."""
+    return build_reward(reward_spec(name, options or {}))
+
+
+def record_reward(ctx, name: str, spec) -> str:
+    """Fingerprint a reward spec into the run record: what was used (names, options, paths,
+    weights) and the content hash of every trained head it reads."""
+    term = spec.terms[0]
+    if spec.is_single_packaged:  # the same record entry as a plain --reward NAME always had
+        return ctx.fingerprint_reward(name, term.name, term.option_dict)
+    if len(spec.terms) == 1 and term.path is not None and term.weight == 1.0 and not term.options:
+        return ctx.fingerprint_input(name, term.path)  # as a plain run directory always was
+    from iapo_jax.rewards.spec import spec_fingerprint
+
+    with ctx.timer("fingerprints"):
+        info = spec_fingerprint(spec)
+    return ctx.record.add_fingerprint(name, info.pop("sha256"), role="input", **info)
+
+
+def spec_meta(spec) -> dict[str, Any]:
+    """How a pool names the reward that scored it: {"reward", "reward_options"} (a single
+    packaged reward as before: its name and options; anything else: the canonical spec)."""
+    if spec.is_single_packaged:
+        return {"reward": spec.terms[0].name, "reward_options": spec.terms[0].option_dict}
+    return {"reward": str(spec), "reward_options": {}}
+
+
+def same_reward(a, b) -> bool:
+    """Two specs name the same reward: same terms, weights and options, paths resolved."""
+    def key(spec):
+        return [(t.kind, t.name, t.weight, t.options,
+                 None if t.path is None else str(Path(t.path).resolve())) for t in spec.terms]
+
+    return key(a) == key(b)
 
 
 def is_reward_name(spec: str) -> bool:
@@ -204,6 +258,11 @@ def resolve_model_source(source: str | os.PathLike) -> str:
     if path.is_dir() and not (path / "config.json").is_file() and \
             (path / POLICY_EXPORT_DIR / "config.json").is_file():
         source = str(path / POLICY_EXPORT_DIR)
+    elif path.is_dir() and not (path / "config.json").is_file() and (path / POLICIES_DIR).is_dir():
+        names = sorted(p.name for p in (path / POLICIES_DIR).iterdir() if (p / "config.json").is_file())
+        if names:  # a compare run: one policy per method, the user picks one
+            raise JobInputError(f"{path} holds {len(names)} trained policies; pass one of them, e.g. "
+                                f"{path / POLICIES_DIR / names[0]} (all: {', '.join(names)})")
     resolve_source(source)  # CheckpointError naming the fix when it is not a model
     return str(source)
 

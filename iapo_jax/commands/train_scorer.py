@@ -42,9 +42,10 @@ class TrainScorerConfig(MeshFlags):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute and storage dtype of the weights."""
     reward: str = "vader"
-    """Registered reward the scorer learns to predict (vader, textblob, harmlessness, length, ...)."""
+    """Reward spec the scorer learns to predict: a packaged scorer (vader, textblob, harmlessness,
+    length[:key=value]), an `iapo train-rm` run directory, or a weighted sum (0.7*vader+0.3*RUN)."""
     reward_options: tuple[str, ...] = ()
-    """KEY=VALUE options of the reward, e.g. target=20 for length or path=RUN_DIR for reward_model."""
+    """KEY=VALUE options of a single-term reward, e.g. target=20 for length."""
     method: Literal["fudge", "cdq"] = "fudge"
     """CD-FUDGE (regress every prefix on the final reward) or CD-Q (Bellman targets)."""
     top_k: int = 8
@@ -168,23 +169,24 @@ def run(cfg: TrainScorerConfig) -> dict:
     from iapo_jax.alignment.prefix_scorer_eval import blockwise_win_rate
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.job_inputs import (
+        build_reward,
         load_model_and_tokenizer,
         load_prompts,
-        make_reward,
-        parse_key_values,
+        record_reward,
         resolve_model_source,
+        reward_spec,
     )
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
 
     check_config(cfg)
-    resolve_model_source(cfg.model)  # a bad --model is a one-line error before anything runs
+    # A bad --model or --reward is a one-line error before anything runs.
+    spec = reward_spec(cfg.reward, cfg.reward_options, policy=resolve_model_source(cfg.model))
     with job_context("train-scorer", cfg) as ctx:
         source = resolve_model_source(cfg.model)
-        options = parse_key_values(cfg.reward_options, "--reward-options")
-        reward = make_reward(cfg.reward, options)
+        reward = build_reward(spec)
         ctx.fingerprint_model("model", source)
-        ctx.fingerprint_reward("reward", cfg.reward, options)
+        record_reward(ctx, "reward", spec)
         prompts = {split: load_prompts(None, split=split, categories=(), num_prompts=count,
                                        seed=cfg.prompt_seed)
                    for split, count in (("train", cfg.num_prompts), ("eval", cfg.eval_prompts))}
@@ -238,7 +240,7 @@ def run(cfg: TrainScorerConfig) -> dict:
         ctx.record.set_extra("mse_by_prefix_length", {"before": before, "after": after})
         if is_main_process():
             write_spec(ctx.run_dir, kind="value", base=source, finetune=trainer.finetune, step=trainer.step,
-                       reward=cfg.reward, method=cfg.method)
+                       reward=str(spec), method=cfg.method)
         result = {
             "train_rollouts": train.size, "eval_rollouts": held_out.size,
             "train_reward_mean": float(np.mean(train.rewards)), "train_reward_std": float(np.std(train.rewards)),

@@ -9,7 +9,9 @@ The pipeline behind `iapo compare` and `iapo quickstart`:
    W^T(pi > pi_ref) for T = sampling, BoN_N and WoN_N (the unbiased N-subset estimator) with
    bootstrap intervals over prompts, and the sample KL with its by-prompt standard error;
 4. predict: the analytic tool's win rate of the same transform at the measured KL;
-5. report: a markdown table, a JSON file and a plot in the run directory.
+5. report: a markdown table, a JSON file and a plot in the run directory, and each trained policy
+   in HF format under policies/<name> (where `iapo generate`, `eval`, `calibrate` and `ctrl` load
+   it).
 With `betas` or `sweep_kls` set, step 2 trains every method once per sweep point at a fixed beta
 and step 5 adds win rate vs KL curves and a matched-KL table (evaluation.kl_sweep).
 """
@@ -39,11 +41,13 @@ class CompareConfig:
     """CTRL against its baselines at a matched KL target, evaluated under best-/worst-of-N."""
 
     model: str = "smollm2-135m-instruct"
-    """Reference model: HF directory, .gguf file or 'smollm2-135m-instruct'."""
+    """Reference model: HF directory, .gguf file, 'smollm2-135m-instruct', or a ctrl run
+    directory (its trained policy)."""
     dtype: str = "float32"
     """Parameter and compute dtype (float32 or bfloat16)."""
     reward: str = "vader"
-    """Registered reward (vader, textblob, harmlessness, length)."""
+    """Reward spec: a packaged scorer (vader, textblob, harmlessness, length[:key=value]), an
+    `iapo train-rm` or `iapo train-scorer` run directory, or a weighted sum (0.7*vader+0.3*RUN)."""
     procedure: str = "bon"
     """Deployment procedure: bon (best-of-N) or won (worst-of-N)."""
     deploy_n: int = 4
@@ -87,6 +91,8 @@ class CompareConfig:
     """0 = full fine-tuning; r > 0 = LoRA."""
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
+    save_policies: bool = True
+    """Save each trained policy (HF format) under policies/<name> in the run directory."""
 
     def validate(self) -> "CompareConfig":
         if self.procedure not in ("bon", "won"):
@@ -244,27 +250,37 @@ def plot_win_rates(cfg: CompareConfig, rows: dict[str, dict], path: Path) -> Non
     fig.savefig(path, dpi=120)
 
 
-def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the whole pipeline inside a JobContext `ctx`; returns the flat final metrics."""
+POLICIES_DIR = "policies"
+
+
+def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, *,
+                   reward=None, model_source: str | None = None) -> dict[str, Any]:
+    """Runs the whole pipeline inside a JobContext `ctx`; returns the flat final metrics.
+
+    reward: the built reward (default: built from the cfg.reward spec); model_source: the resolved
+    reference model (default: cfg.model).
+    """
     import jax
     from flax import nnx
 
     import iapo_jax
     from iapo_jax.alignment.ctrl import CTRLTrainer
     from iapo_jax.data.prompts import load_chat_prompts
-    from iapo_jax.rewards import get_reward
     from iapo_jax.rewards.pools import sample_reference_pool
+    from iapo_jax.rewards.spec import build_reward, parse_reward_spec
 
     cfg.validate()
-    reward = get_reward(cfg.reward)  # fails fast when the rewards extra is missing
+    if reward is None:  # fails fast when the rewards extra is missing
+        reward = build_reward(parse_reward_spec(cfg.reward))
+    source = model_source or cfg.model
     train = load_chat_prompts("train", limit=cfg.train_prompts, seed=cfg.seed)
     held_out = load_chat_prompts("eval", limit=cfg.eval_prompts, seed=cfg.seed)
     ctx.add_data("train_prompts", train)
     ctx.add_data("eval_prompts", held_out)
     key = ctx.key(cfg.seed)
     with ctx.timer("load"):
-        reference = iapo_jax.load_model(cfg.model, dtype=cfg.dtype)
-        tokenizer = iapo_jax.load_tokenizer(cfg.model)
+        reference = iapo_jax.load_model(source, dtype=cfg.dtype)
+        tokenizer = iapo_jax.load_tokenizer(source)
     with ctx.timer("calibrate"):
         log(f"calibrate: {cfg.pool_size} reference samples x {len(train)} training prompts")
         pool = sample_reference_pool(reference, tokenizer, reward, train, m=cfg.pool_size,
@@ -302,6 +318,12 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print) 
         with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
                                   jax.random.fold_in(key, 100 + len(rows)))
+        if cfg.save_policies and ctx.is_main:
+            from iapo_jax.models.checkpoints import save_hf
+
+            with ctx.timer("save_policies"):
+                save_hf(trainer.current_policy(), ctx.run_dir / POLICIES_DIR / name, tokenizer)
+            ctx.fingerprint_output(f"policy_{name}", f"{POLICIES_DIR}/{name}")
         row.update(method=method, t=trainer.t,
                    predicted=predicted_win_rate(method, cfg, row["kl"], trainer.t if point else None))
         if point:

@@ -1,0 +1,60 @@
+"""Two policies evaluated on the same prompts against the same reference samples.
+
+For each inference-time procedure T (sampling, BoN_N, WoN_N): each policy's win rate against
+pi_ref, their difference with a paired bootstrap interval (prompts resampled jointly, so the
+prompt-to-prompt variation both share cancels), and the head-to-head win rate W^T(A > B) of the
+two policies' own samples, with its bootstrap interval over prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from iapo_jax.evaluation.win_rates import (
+    bootstrap_win_rate,
+    paired_bootstrap_difference,
+    per_prompt_win_rates,
+)
+
+
+def paired_rows(a_scores, b_scores, reference_scores, procedures: Sequence[str], ns: Sequence[int], *,
+                num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> list[dict]:
+    """One row per (procedure, N): a and b against the reference, a - b (paired) and a vs b.
+
+    Scores are [prompts, samples] arrays on the same prompts in the same order.
+    """
+    a, b, ref = (np.asarray(x, np.float64) for x in (a_scores, b_scores, reference_scores))
+    if not (a.shape[0] == b.shape[0] == ref.shape[0]):
+        raise ValueError(f"the two policies and the reference must share prompts; got {a.shape[0]}, "
+                         f"{b.shape[0]} and {ref.shape[0]} prompts")
+    rows = []
+    for procedure in procedures:
+        for n in ((1,) if procedure == "sampling" else tuple(dict.fromkeys(ns))):
+            wa = per_prompt_win_rates(a, ref, procedure, n)
+            wb = per_prompt_win_rates(b, ref, procedure, n)
+            diff = paired_bootstrap_difference(wa, wb, num_resamples=num_resamples,
+                                               confidence=confidence, seed=seed)
+            head = bootstrap_win_rate(a, b, procedure, n, num_resamples=num_resamples,
+                                      confidence=confidence, seed=seed)
+            rows.append({"procedure": procedure, "n": int(n), "policy": float(wa.mean()),
+                         "baseline": float(wb.mean()), "difference": diff.difference,
+                         "difference_ci_low": diff.ci_low, "difference_ci_high": diff.ci_high,
+                         "head_to_head": head.win_rate, "head_to_head_ci_low": head.ci_low,
+                         "head_to_head_ci_high": head.ci_high, "num_prompts": diff.num_prompts})
+    return rows
+
+
+def paired_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
+    """Markdown of paired_rows."""
+    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N"}
+    pct = f"{confidence:.0%}"
+    lines = [f"| procedure | N | W(policy) | W(baseline) | difference [{pct}, paired] | "
+             f"W(policy > baseline) [{pct}] |", "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {label[r['procedure']]} | {r['n']} | {r['policy']:.4f} | {r['baseline']:.4f} | "
+                     f"{r['difference']:+.4f} [{r['difference_ci_low']:+.4f}, {r['difference_ci_high']:+.4f}] | "
+                     f"{r['head_to_head']:.4f} [{r['head_to_head_ci_low']:.4f}, "
+                     f"{r['head_to_head_ci_high']:.4f}] |")
+    return "\n".join(lines) + "\n"
