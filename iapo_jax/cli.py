@@ -204,7 +204,9 @@ def _one_line_from_tyro(text: str) -> str:
 def _description(job: Job) -> str:
     from iapo_jax.commands.resume import is_resumable
 
-    text = (job.config_type.__doc__ or job.summary).rstrip()
+    import inspect
+
+    text = inspect.cleandoc(job.config_type.__doc__ or job.summary)
     if is_resumable(job.module):
         return (f"{text}\n\nPreemption: SIGTERM saves a checkpoint at the next step and exits "
                 f"with status {EXIT_PREEMPTED}; `--run-dir RUN --resume` continues the recorded "
@@ -356,6 +358,10 @@ def _main(args: list[str]) -> int:
         return _run(name, rest)
     except SystemExit as exit_:  # tyro's --help
         return int(exit_.code or 0)
+    except BrokenPipeError:  # `iapo runs | head`: the reader has all it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt as err:
         print(_stopped_message(name, "interrupted", getattr(err, "iapo_run_dir", None),
                                getattr(err, "iapo_checkpoints", None)), file=sys.stderr)

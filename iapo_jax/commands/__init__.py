@@ -35,6 +35,7 @@ JOBS: dict[str, str] = {
     "testbed": "CTRL against the exact optimum on policies small enough to enumerate",
     "bench": "decoding throughput against transformers",
     "reproduce": "rerun a recorded run into a new run directory and compare its metrics",
+    "runs": "list run records (job, date, status, settings, metrics, commit) or compare two",
     "env": "record the software and hardware environment and run a small sharded smoke test",
 }
 RESERVED_FIELDS = ("config", "run_dir", "resume")

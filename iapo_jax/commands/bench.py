@@ -11,6 +11,7 @@ peak memory, and the fraction of the machine's roofline (measured bandwidth and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -84,6 +85,37 @@ def machine_name() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+@contextlib.contextmanager
+def _measurement_progress(cfg: BenchConfig):
+    """The benchmark's "[bench] model dtype mode" notes as progress over its measurements: a bar
+    in a terminal or notebook, the notes themselves on stderr in a log, nothing with --quiet."""
+    from iapo_jax.runtime.progress import progress, progress_mode
+
+    mode = progress_mode()
+    bar = progress(total=len(cfg.models) * len(cfg.dtypes) * len(cfg.modes), desc="bench",
+                   unit="measurement")
+    started = [0]
+
+    def log(message: str) -> None:
+        if " rows x " in message:  # a measurement starts (its result is the next note)
+            if started[0]:
+                bar.update(1)
+            started[0] += 1
+        if mode == "bar" and " rows x " in message:
+            bar.set_description(message.removeprefix("[bench] ").split(":")[0])
+        elif mode == "bar":
+            bar.write(message, file=sys.stderr)  # a result: printed above the bar
+        elif mode == "lines":
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        yield log
+        if started[0]:
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def run(cfg: BenchConfig) -> dict:
     from iapo_jax.bench.decode import run_decode_benchmark
     from iapo_jax.bench.report import tables
@@ -103,7 +135,8 @@ def run(cfg: BenchConfig) -> dict:
         line += (f" Measured read bandwidth {machine.bandwidth_gbs:.1f} GB/s; matmul "
                  f"{machine.matmul_gflops['float32']:.0f} GFLOP/s float32, "
                  f"{machine.matmul_gflops['bfloat16']:.0f} GFLOP/s bfloat16 (XLA).")
-    records = run_decode_benchmark(cfg, machine)
+    with _measurement_progress(cfg) as log:
+        records = run_decode_benchmark(cfg, machine, log=log)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for r in records:
         r["machine"] = machine_name()

@@ -88,6 +88,7 @@ class TestbedConfig:
 def run(cfg: TestbedConfig) -> dict:
     cfg.validate()  # every check before any compute
     from iapo_jax.commands.common import current_context
+    from iapo_jax.runtime.progress import progress
     from iapo_jax.testbed import report
     from iapo_jax.testbed.exact import response_log_probs
     from iapo_jax.testbed.run import RunSettings, reference_pool, run_case, settings_for
@@ -98,6 +99,8 @@ def run(cfg: TestbedConfig) -> dict:
     base = RunSettings(pool_size=cfg.pool_size, learning_rate=cfg.learning_rate,
                        lr_schedule=cfg.lr_schedule, eval_every=cfg.eval_every, seed=cfg.seed)
     records, curves = [], []
+    bar = progress(total=len(cfg.cases) * len(cfg.transforms) * len(cfg.kls) * len(cfg.options),
+                   desc="testbed", unit="run")
     for case in cfg.cases:
         setting = build_setting(spec_for(case, cfg.seed))
         ref_logp = response_log_probs(setting.reference, setting)
@@ -119,6 +122,8 @@ def run(cfg: TestbedConfig) -> dict:
                     if ctx is not None:
                         ctx.log(len(records), {f"{case}/{transform}/{kl:g}/{option}/{k}": r[k]
                                                for k in ("kl", "win_rate", "optimum_win_rate")})
+                    bar.update(1)
+    bar.close()
     payload = {"records": records, "curves": curves}
     text = json_lib.dumps(payload, indent=1) + "\n"
     (out_dir / "testbed.json").write_text(text)
