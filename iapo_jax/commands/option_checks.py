@@ -86,6 +86,15 @@ def check_options(cfg: Any) -> None:
         message = _problem(name, value)
         if message:
             raise OptionError(f"{_flag(name)} {message}{_fix(cls, name)}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: Any) -> None:
+    """Pairs of options that cannot work together, by field names the jobs share."""
+    if getattr(cfg, "method", None) == "cdq" and isinstance(getattr(cfg, "top_k", None), int) \
+            and cfg.top_k < 1:
+        raise OptionError(f"--method cdq bootstraps from the top --top-k tokens of the policy, so "
+                          f"--top-k must be at least 1, got {cfg.top_k} (the default is 8)")
 
 
 def _problem(name: str, value: Any) -> str | None:

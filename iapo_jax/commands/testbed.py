@@ -86,7 +86,12 @@ class TestbedConfig:
 
 
 def run(cfg: TestbedConfig) -> dict:
-    cfg.validate()  # every check before any compute
+    from iapo_jax.commands.job_inputs import JobInputError
+
+    try:
+        cfg.validate()  # every check before any compute
+    except ValueError as err:
+        raise JobInputError(str(err)) from None
     from iapo_jax.commands.common import current_context
     from iapo_jax.runtime.progress import progress
     from iapo_jax.testbed import report
