@@ -3,6 +3,7 @@
     iapo theory --procedure bon --n 4 --kl 1 --transform exp          # best t at KL 1
     iapo theory --procedure won --n 4 --beta 0.05 --transform optimal --json
     iapo theory --procedure bon --n 32 --kl 2 --plot curves.png
+    iapo theory --procedure soft_bon --n 4 --lam 0.1 --kl 1 --transform exp
 
 On a calibrated reward (Uniform[0, 1] under pi_ref) a policy tilted by Phi(u)/beta is a density on
 [0, 1], the same for every prompt, model and reward, so KL and win rates have closed forms
@@ -20,7 +21,7 @@ from typing import Literal
 
 from iapo_jax.theory.settings import check_setting
 
-DEFAULT_TRANSFORM = {"sampling": "identity", "bon": "exp", "won": "negexp"}
+DEFAULT_TRANSFORM = {"sampling": "identity", "bon": "exp", "won": "negexp", "soft_bon": "exp"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 RESULT_FILE = "theory.json"
 SINGLE_PROCESS = True  # closed forms: nothing to spread over processes
@@ -30,10 +31,14 @@ SINGLE_PROCESS = True  # closed forms: nothing to spread over processes
 class TheoryConfig:
     """Closed-form KL and win rates of a policy tilted by a transform of the calibrated reward."""
 
-    procedure: Literal["sampling", "bon", "won"] = "bon"
-    """Inference-time procedure: plain sampling, best-of-N or worst-of-N."""
+    procedure: Literal["sampling", "bon", "won", "soft_bon"] = "bon"
+    """Inference-time procedure: plain sampling, best-of-N, worst-of-N or soft best-of-N (serves
+    response i with probability softmax(u / lam)_i)."""
     n: int | None = None
-    """N responses per prompt at inference (default: 4 for bon/won; sampling is N = 1)."""
+    """N responses per prompt at inference (default: 4 for bon/won/soft_bon; sampling is N = 1)."""
+    lam: float | None = None
+    """soft_bon's selection temperature on the calibrated reward (lam -> 0: best-of-N; lam -> inf:
+    sampling); required for soft_bon, refused otherwise."""
     kl: float | None = None
     """Target KL(pi || pi_ref) in nats; beta is solved for it. Give kl or beta."""
     beta: float | None = None
@@ -55,7 +60,7 @@ def resolved(cfg: TheoryConfig) -> tuple[str, int, str]:
     """(procedure, n, transform) with defaults filled in; raises ValueError for bad input."""
     n = cfg.n if cfg.n is not None else (1 if cfg.procedure == "sampling" else 4)
     transform = cfg.transform or DEFAULT_TRANSFORM.get(cfg.procedure, "identity")
-    check_setting(cfg.procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t)
+    check_setting(cfg.procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t, lam=cfg.lam)
     if cfg.plot is not None and Path(cfg.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise ValueError(f"--plot {cfg.plot}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
     from iapo_jax.commands.job_inputs import check_output_file
@@ -72,34 +77,43 @@ def _curve_kls(kl: float) -> list[float]:
 def run(cfg: TheoryConfig) -> dict:
     procedure, n, transform = resolved(cfg)  # every check before any compute
     from iapo_jax.commands.common import current_context
-    from iapo_jax.theory.analysis import analyse
+    from iapo_jax.theory.analysis import analyse, analyse_density
     from iapo_jax.theory.curves import markdown_table, plot_curves, procedure_name, transform_curves
     from iapo_jax.theory.settings import FITS
+    from iapo_jax.theory.win_rates import served_law
 
-    result = analyse(procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t)
+    lam = cfg.lam
+    result, density = analyse_density(procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t,
+                                      lam=lam)
     out = result.to_dict()
+    out["served"] = served_law(density, procedure, n, lam)
     comparison, skipped = [], []
     if cfg.compare:
         for other in FITS[procedure]:
             if other == transform:
                 continue
             try:
-                comparison.append(analyse(procedure, n, other, kl=result.kl))
+                comparison.append(analyse(procedure, n, other, kl=result.kl, lam=lam))
             except ValueError as err:  # e.g. a KL the logit tilt cannot reach on the grid
                 skipped.append(f"{other}: {err}")
         out["comparison"] = [r.to_dict() for r in comparison]
     if cfg.plot is not None:
-        curves = transform_curves(procedure, n, _curve_kls(result.kl))
+        curves = transform_curves(procedure, n, _curve_kls(result.kl), lam=lam)
         out["plot"] = str(plot_curves([(procedure, n, curves)], cfg.plot, mark=result))
 
     if cfg.json:
         print(json_lib.dumps(out, indent=2))
     else:
-        name = procedure_name(procedure, n)
+        name = procedure_name(procedure, n, lam)
         print(f"{name} with the {transform} transform (calibrated reward, closed form)")
         print(markdown_table([result]))
+        law = out["served"]
+        print(f"\nserved calibrated reward: mean {law['policy_mean']:.4f} (pi_ref: "
+              f"{law['reference_mean']:.4f}); CDF at u = {', '.join(f'{u:g}' for u in law['u'])}: "
+              f"{', '.join(f'{c:.4f}' for c in law['policy_cdf'])} (pi_ref: "
+              f"{', '.join(f'{c:.4f}' for c in law['reference_cdf'])})")
         if comparison:
-            print(f"\nEvery transform that fits {procedure_name(procedure, n)}, at KL {result.kl:.4g}:")
+            print(f"\nEvery transform that fits {name}, at KL {result.kl:.4g}:")
             print(markdown_table(sorted([result, *comparison], key=lambda r: r.win_rate)))
         for line in skipped:
             print(f"(skipped {line})", file=sys.stderr)

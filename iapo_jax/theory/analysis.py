@@ -2,6 +2,7 @@
 
     result = analyse("bon", 4, "exp", kl=1.0)        # best t, beta at KL 1, BoN_4 win rate
     result = analyse("won", 4, "optimal", beta=0.05)
+    result = analyse("soft_bon", 4, "exp", kl=1.0, lam=0.1)   # soft best-of-4, temperature 0.1
 
 The answer holds for any prompt, model and reward once the reward is calibrated (algorithms.md §4).
 """
@@ -17,6 +18,7 @@ from iapo_jax.theory.densities import Density, resolved_density
 from iapo_jax.theory.optimum import best_stationary_density
 from iapo_jax.theory.quadrature import Grid, make_grid
 from iapo_jax.theory.settings import EXPONENTIAL, check_setting
+from iapo_jax.theory.soft_bon import soft_bon_grid
 from iapo_jax.theory.solvers import best_t, optimal_at_kl, tilted_at_kl
 from iapo_jax.theory.tilts import log_tilt
 from iapo_jax.theory.win_rates import inference_win_rate, kl_divergence, standard_win_rate
@@ -41,6 +43,7 @@ class TheoryResult:
     t: float | None
     win_rate: float  # W^T(pi > pi_ref) for the procedure T
     standard_win_rate: float  # W(pi > pi_ref) for single samples
+    lam: float | None = None  # soft-BoN's selection temperature (None for other procedures)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,20 +62,25 @@ def analyse_density(
     kl: float | None = None,
     beta: float | None = None,
     t: float | None = None,
+    lam: float | None = None,
     grid: Grid | None = None,
 ) -> tuple[TheoryResult, Density]:
     """Like ``analyse``, also returning the tilted density itself."""
-    check_setting(procedure, n, transform, kl=kl, beta=beta, t=t)
+    check_setting(procedure, n, transform, kl=kl, beta=beta, t=t, lam=lam)
     n = int(n)
     t = None if t is None else float(t)
+    lam = None if lam is None else float(lam)
     grid = grid if grid is not None else default_grid(transform)
+    if lam is not None:  # soft-BoN's kernels have width lam: no panel may be much wider
+        grid = soft_bon_grid(grid, lam)
     if transform == "optimal":
         if kl is not None:
-            log_beta, d = optimal_at_kl(grid, procedure, n, kl)
+            log_beta, d = optimal_at_kl(grid, procedure, n, kl, lam)
         else:
-            log_beta, d = math.log(beta), best_stationary_density(grid, procedure, n, math.log(beta))
+            log_beta = math.log(beta)
+            d = best_stationary_density(grid, procedure, n, log_beta, lam)
     elif transform in EXPONENTIAL and t is None:
-        t, log_beta, d = best_t(grid, procedure, n, transform, kl)
+        t, log_beta, d = best_t(grid, procedure, n, transform, kl, lam)
     elif kl is not None:
         log_beta, d = tilted_at_kl(grid, transform, kl, t)
     else:
@@ -86,8 +94,9 @@ def analyse_density(
         beta=float(np.exp(log_beta)) if log_beta < 709.0 else None,
         log_beta=float(log_beta),
         t=None if t is None else float(t),
-        win_rate=inference_win_rate(d, procedure, n),
+        win_rate=inference_win_rate(d, procedure, n, lam),
         standard_win_rate=standard_win_rate(d),
+        lam=lam,
     )
     return result, d
 
@@ -100,11 +109,13 @@ def analyse(
     kl: float | None = None,
     beta: float | None = None,
     t: float | None = None,
+    lam: float | None = None,
 ) -> TheoryResult:
     """KL, beta, t and win rates of the policy tilted by ``transform`` (see the module docstring).
 
     Give exactly one of kl (a target, in nats) or beta. Without t the exp/negexp transforms use the
-    best t for this procedure, N and KL; 'optimal' is the exact optimum over all policies (BoN) or
-    the best stationary point found (WoN). Raises ValueError for settings that make no sense.
+    best t for this procedure, N and KL; 'optimal' is the exact optimum over all policies (BoN,
+    soft-BoN) or the best stationary point found (WoN). soft_bon needs its selection temperature
+    lam. Raises ValueError for settings that make no sense.
     """
-    return analyse_density(procedure, n, transform, kl=kl, beta=beta, t=t)[0]
+    return analyse_density(procedure, n, transform, kl=kl, beta=beta, t=t, lam=lam)[0]

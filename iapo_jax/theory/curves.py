@@ -8,26 +8,38 @@ from pathlib import Path
 from iapo_jax.theory.analysis import TheoryResult, analyse
 from iapo_jax.theory.settings import FITS
 
-PROCEDURE_NAMES = {"sampling": "sampling", "bon": "best-of-{n}", "won": "worst-of-{n}"}
+PROCEDURE_NAMES = {"sampling": "sampling", "bon": "best-of-{n}", "won": "worst-of-{n}",
+                   "soft_bon": "soft best-of-{n}"}
 LABELS = {"exp": "exp (best t)", "negexp": "-exp (best t)"}
 
 
-def procedure_name(procedure: str, n: int) -> str:
-    return PROCEDURE_NAMES[procedure].format(n=n)
+def procedure_name(procedure: str, n: int, lam: float | None = None) -> str:
+    name = PROCEDURE_NAMES[procedure].format(n=n)
+    return name if lam is None else f"{name} (lam {lam:g})"
 
 
 def win_rate_curve(
-    procedure: str, n: int, transform: str, kls: Iterable[float], t: float | None = None
+    procedure: str,
+    n: int,
+    transform: str,
+    kls: Iterable[float],
+    t: float | None = None,
+    lam: float | None = None,
 ) -> list[TheoryResult]:
     """The transform's results at each target KL (best t per KL for exp/negexp when t is None)."""
-    return [analyse(procedure, n, transform, kl=float(kl), t=t) for kl in kls]
+    return [analyse(procedure, n, transform, kl=float(kl), t=t, lam=lam) for kl in kls]
 
 
 def transform_curves(
-    procedure: str, n: int, kls: Sequence[float], transforms: Sequence[str] | None = None
+    procedure: str,
+    n: int,
+    kls: Sequence[float],
+    transforms: Sequence[str] | None = None,
+    lam: float | None = None,
 ) -> dict[str, list[TheoryResult]]:
     """One curve per transform that fits the procedure (all of them by default)."""
-    return {name: win_rate_curve(procedure, n, name, kls) for name in (transforms or FITS[procedure])}
+    names = transforms or FITS[procedure]
+    return {name: win_rate_curve(procedure, n, name, kls, lam=lam) for name in names}
 
 
 def markdown_table(results: Sequence[TheoryResult]) -> str:
@@ -40,7 +52,7 @@ def markdown_table(results: Sequence[TheoryResult]) -> str:
         t = "" if r.t is None else f"{r.t:.4g}"
         beta = f"exp({r.log_beta:.2f})" if r.beta is None else f"{r.beta:.4g}"
         lines.append(
-            f"| {procedure_name(r.procedure, r.n)} | {r.transform} | {t} | {beta} | {r.kl:.4f} | "
+            f"| {procedure_name(r.procedure, r.n, r.lam)} | {r.transform} | {t} | {beta} | {r.kl:.4f} | "
             f"{r.win_rate:.4f} | {r.standard_win_rate:.4f} |"
         )
     return "\n".join(lines)
@@ -60,6 +72,8 @@ def plot_curves(
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (procedure, n, curves) in zip(axes[0], panels):
+        lam = next((r.lam for rs in curves.values() for r in rs), None)
+        name_of = procedure_name(procedure, n, lam)
         for name, results in curves.items():
             label = LABELS.get(name, name)
             style = "k--" if name == "optimal" else "-"
@@ -70,8 +84,8 @@ def plot_curves(
         if mark is not None and (mark.procedure, mark.n) == (procedure, n):
             ax.plot([mark.kl], [mark.win_rate], "r*", markersize=12, label=f"{mark.transform} (asked)")
         ax.set_xlabel("KL(pi || pi_ref) [nats]")
-        ax.set_ylabel(f"{procedure_name(procedure, n)} win rate vs pi_ref")
-        ax.set_title(f"{procedure_name(procedure, n)}: calibrated reward, closed form")
+        ax.set_ylabel(f"{name_of} win rate vs pi_ref")
+        ax.set_title(f"{name_of}: calibrated reward, closed form")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

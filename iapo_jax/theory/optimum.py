@@ -4,6 +4,7 @@ R_f(u) is the derivative of the inference-time win rate with respect to f(u) (al
 
     BoN_N:  R(u) = -N^2 int_u^1 F(v)^(N-1) v^(N-1) dv        (concave problem: unique fixed point)
     WoN_N:  R(u) = -N^2 int_u^1 (1-F(v))^(N-1) (1-v)^(N-1) dv (not concave: several may exist)
+    soft-BoN_N,lam: see soft_bon.stationarity_reward (BoN's R in the limit lam -> 0)
 
 For N = 1 both give R(u) = u - 1, the identity tilt, in one step.
 
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from iapo_jax.theory import soft_bon
 from iapo_jax.theory.densities import Density, density_from_log_tilt, uniform_density
 from iapo_jax.theory.quadrature import Grid, cumulative, refine, resample, unresolved_panels
 from iapo_jax.theory.tilts import log_tilt
@@ -36,11 +38,13 @@ MIX_BELOW = 0.1  # Anderson mixing only once the iterate is near the fixed point
 WON_SEEDS = (("negexp", -2.0, 30.0), ("identity", -2.0, None), ("log", 0.0, None))  # (Phi, log beta, t)
 
 
-def stationarity_reward(d: Density, procedure: str, n: int) -> np.ndarray:
-    """R_f at the grid nodes (shifted so that R(1) = 0)."""
+def stationarity_reward(d: Density, procedure: str, n: int, lam: float | None = None) -> np.ndarray:
+    """R_f at the grid nodes (shifted so that R(1) = 0; soft-BoN's is not shifted)."""
     g = d.grid
+    if procedure == "soft_bon":
+        return soft_bon.stationarity_reward(d, n, lam)
     if procedure not in ("sampling", "bon", "won"):
-        raise ValueError(f"unknown procedure {procedure!r}; use sampling, bon or won")
+        raise ValueError(f"unknown procedure {procedure!r}; use sampling, bon, won or soft_bon")
     if procedure == "sampling" or n == 1:
         integrand = np.ones_like(g.u)
     elif procedure == "bon":
@@ -95,6 +99,7 @@ def _converge(
     log_beta: float,
     damping: float | None,
     memory: int,
+    lam: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Iterates x = log f to the fixed point on a fixed grid; returns (log f, damping used).
 
@@ -107,11 +112,11 @@ def _converge(
 
     def step(x: np.ndarray) -> np.ndarray:
         d = density_from_log_tilt(grid, _normalise(grid, x))
-        return _normalise(grid, stationarity_reward(d, procedure, n) * inv_beta)
+        return _normalise(grid, stationarity_reward(d, procedure, n, lam) * inv_beta)
 
     def objective(x: np.ndarray) -> float:
         d = density_from_log_tilt(grid, _normalise(grid, x))
-        return regularised_objective(d, procedure, n, log_beta)
+        return regularised_objective(d, procedure, n, log_beta, lam)
 
     x = _normalise(grid, x)
     fx = step(x)
@@ -132,8 +137,8 @@ def _converge(
             if res < MIX_BELOW:
                 break
     if damping is None:
-        lam = _dominant_eigenvalue(step, x, fx, fx > NEGLIGIBLE_LOG_F)
-        damping = 1.0 if lam > -0.5 else 1.6 / (2.0 - lam)  # spectrum in [lam, 0]: |1 - a(1 - lam)| < 1
+        eig = _dominant_eigenvalue(step, x, fx, fx > NEGLIGIBLE_LOG_F)
+        damping = 1.0 if eig > -0.5 else 1.6 / (2.0 - eig)  # spectrum in [eig, 0]: |1 - a(1 - eig)| < 1
     a = damping
     xs, gs, best, worse = [], [], res, 0
     for _ in range(MAX_ITER):  # phase 2: damped iteration with Anderson mixing
@@ -170,6 +175,7 @@ def solve_fixed_point(
     *,
     damping: float | None = None,
     memory: int = 8,
+    lam: float | None = None,
 ) -> FixedPoint:
     """Solves f ∝ exp(R_f / beta) from ``init`` (uniform if None), on init's grid when given.
 
@@ -181,7 +187,7 @@ def solve_fixed_point(
         grid = init.grid
     x = (init if init is not None else uniform_density(grid)).log_f
     for _ in range(MAX_REFINEMENTS):
-        x, damping = _converge(grid, x, procedure, n, log_beta, damping, memory)
+        x, damping = _converge(grid, x, procedure, n, log_beta, damping, memory, lam)
         d = density_from_log_tilt(grid, x)
         flags = unresolved_panels(grid, d.f)
         if not flags.any():
@@ -195,10 +201,15 @@ def solve_fixed_point(
 
 
 def fixed_point_density(
-    grid: Grid, procedure: str, n: int, log_beta: float, init: Density | None = None
+    grid: Grid,
+    procedure: str,
+    n: int,
+    log_beta: float,
+    init: Density | None = None,
+    lam: float | None = None,
 ) -> Density:
     """The fixed point reached from ``init`` (see ``solve_fixed_point``)."""
-    return solve_fixed_point(grid, procedure, n, log_beta, init).density
+    return solve_fixed_point(grid, procedure, n, log_beta, init, lam=lam).density
 
 
 def starting_points(grid: Grid, procedure: str) -> list[Density]:
@@ -210,13 +221,17 @@ def starting_points(grid: Grid, procedure: str) -> list[Density]:
     return starts
 
 
-def regularised_objective(d: Density, procedure: str, n: int, log_beta: float) -> float:
+def regularised_objective(
+    d: Density, procedure: str, n: int, log_beta: float, lam: float | None = None
+) -> float:
     """W^T(pi > pi_ref) - beta * KL: what a fixed point at this beta is a stationary point of."""
-    return inference_win_rate(d, procedure, n) - np.exp(log_beta) * kl_divergence(d)
+    return inference_win_rate(d, procedure, n, lam) - np.exp(log_beta) * kl_divergence(d)
 
 
-def best_stationary_density(grid: Grid, procedure: str, n: int, log_beta: float) -> Density:
+def best_stationary_density(
+    grid: Grid, procedure: str, n: int, log_beta: float, lam: float | None = None
+) -> Density:
     """The optimum for BoN (unique); for WoN the best of the fixed points reached from several starts."""
     starts = starting_points(grid, procedure)
-    found = [fixed_point_density(grid, procedure, n, log_beta, start) for start in starts]
-    return max(found, key=lambda d: regularised_objective(d, procedure, n, log_beta))
+    found = [fixed_point_density(grid, procedure, n, log_beta, start, lam) for start in starts]
+    return max(found, key=lambda d: regularised_objective(d, procedure, n, log_beta, lam))

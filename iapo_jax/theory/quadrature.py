@@ -176,15 +176,23 @@ def resample(grid: Grid, values: np.ndarray, new_grid: Grid) -> np.ndarray:
 
     Meant for a refined grid (each new panel lies inside one old panel).
     """
+    return interpolate(grid, values, new_grid.u, new_grid.s)
+
+
+def interpolate(grid: Grid, values: np.ndarray, u, s=None) -> np.ndarray:
+    """The panel-wise interpolant of values on ``grid`` at points u in [0, 1] (s = 1 - u if given,
+    for full accuracy near u = 1)."""
     *_, to_coeffs = _reference_panel(grid.order)
+    u = np.atleast_1d(np.asarray(u, dtype=np.float64))
+    s = 1.0 - u if s is None else np.atleast_1d(np.asarray(s, dtype=np.float64))
     v = np.asarray(values).reshape(grid.n_panels, grid.order)
     n_left = grid.left_edges.size - 1
     # Right-half panels in ascending s with nodes ascending in s, like the left half in u.
     halves = (
-        (grid.left_edges, v[:n_left], new_grid.u, new_grid.u <= 0.5),
-        (grid.right_edges, v[n_left:][::-1, ::-1], new_grid.s, new_grid.u > 0.5),
+        (grid.left_edges, v[:n_left], u, u <= 0.5),
+        (grid.right_edges, v[n_left:][::-1, ::-1], s, u > 0.5),
     )
-    out = np.empty(new_grid.u.size)
+    out = np.empty(u.size)
     for edges, panel_values, distance, where in halves:
         d = distance[where]
         k = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, edges.size - 2)

@@ -5,6 +5,7 @@ Accepted transforms per procedure (anything else is rejected before compute star
     sampling  identity, log, logit, optimal      ('optimal' is the identity tilt, exactly)
     bon       identity, log, logit, exp, optimal
     won       identity, log, logit, negexp, optimal
+    soft_bon  identity, log, logit, exp, optimal      (needs lam, the selection temperature)
 
 Why: exp(t u) sharpens the top of the reward, which is what best-of-N serves; -exp(-t u) lifts the
 bottom, which is what worst-of-N serves. Used the other way round they only move the policy away
@@ -19,13 +20,16 @@ from __future__ import annotations
 import math
 import numbers
 
-PROCEDURES = ("sampling", "bon", "won")
+from iapo_jax.theory.soft_bon import check_lam
+
+PROCEDURES = ("sampling", "bon", "won", "soft_bon")
 TRANSFORMS = ("identity", "log", "logit", "exp", "negexp", "optimal")
 EXPONENTIAL = ("exp", "negexp")
 FITS = {
     "sampling": ("identity", "log", "logit", "optimal"),
     "bon": ("identity", "log", "logit", "exp", "optimal"),
     "won": ("identity", "log", "logit", "negexp", "optimal"),
+    "soft_bon": ("identity", "log", "logit", "exp", "optimal"),  # a softened best-of-N
 }
 T_MAX = 1e4  # beyond this even N = 32 at KL 2 gains nothing; tilts are computed in log beta
 
@@ -46,10 +50,17 @@ def check_setting(
     kl: float | None = None,
     beta: float | None = None,
     t: float | None = None,
+    lam: float | None = None,
 ) -> None:
     """Raises ValueError naming the problem and the fix; returns None when the setting is valid."""
     if procedure not in PROCEDURES:
         raise ValueError(f"unknown procedure {procedure!r}; use one of {', '.join(PROCEDURES)}")
+    if procedure == "soft_bon":
+        if lam is None:
+            raise ValueError("soft_bon needs its selection temperature lam > 0 (e.g. lam=0.1)")
+        check_lam(lam)
+    elif lam is not None:
+        raise ValueError(f"lam is soft_bon's selection temperature; leave it unset for {procedure}")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

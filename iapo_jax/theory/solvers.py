@@ -132,7 +132,9 @@ def tilted_at_kl(
     return log_beta_of(transform, x), d
 
 
-def optimal_at_kl(grid: Grid, procedure: str, n: int, target_kl: float) -> tuple[float, Density]:
+def optimal_at_kl(
+    grid: Grid, procedure: str, n: int, target_kl: float, lam: float | None = None
+) -> tuple[float, Density]:
     """(log beta, density) of the best stationary point at the target KL.
 
     Continuation from the uniform density at beta = 1: each solve starts from the previous solution.
@@ -147,27 +149,34 @@ def optimal_at_kl(grid: Grid, procedure: str, n: int, target_kl: float) -> tuple
         state = [start, None]
 
         def density_at(x: float) -> Density:
-            d, state[1] = solve_fixed_point(grid, procedure, n, x, state[0], damping=state[1])
+            d, state[1] = solve_fixed_point(
+                grid, procedure, n, x, state[0], damping=state[1], lam=lam
+            )
             state[0] = d
             return d
 
         return solve_for_kl(density_at, target_kl, 0.0, label)
 
     def objective_at_beta_one(d: Density) -> float:
-        return regularised_objective(d, procedure, n, 0.0)
+        return regularised_objective(d, procedure, n, 0.0, lam)
 
     first, *others = starting_points(grid, procedure)
-    branches = [fixed_point_density(grid, procedure, n, 0.0, first)]
+    branches = [fixed_point_density(grid, procedure, n, 0.0, first, lam)]
     for start in others:
-        d = fixed_point_density(grid, procedure, n, 0.0, start)
+        d = fixed_point_density(grid, procedure, n, 0.0, start, lam)
         if all(abs(objective_at_beta_one(d) - objective_at_beta_one(b)) > 1e-9 for b in branches):
             branches.append(d)
     results = [follow(b) for b in branches]
-    return max(results, key=lambda r: inference_win_rate(r[1], procedure, n))
+    return max(results, key=lambda r: inference_win_rate(r[1], procedure, n, lam))
 
 
 def best_t(
-    grid: Grid, procedure: str, n: int, transform: str, target_kl: float
+    grid: Grid,
+    procedure: str,
+    n: int,
+    transform: str,
+    target_kl: float,
+    lam: float | None = None,
 ) -> tuple[float, float, Density]:
     """(t, log beta, density) maximising the procedure's win rate at the target KL.
 
@@ -182,7 +191,7 @@ def best_t(
         near = min(offsets, key=lambda k: abs(k - log_t), default=None)
         solved[log_t] = tilted_at_kl(grid, transform, target_kl, t, scale + offsets.get(near, 0.0))
         offsets[log_t] = solved[log_t][0] - scale
-        return -inference_win_rate(solved[log_t][1], procedure, n)
+        return -inference_win_rate(solved[log_t][1], procedure, n, lam)
 
     scan = np.linspace(np.log(T_MIN), np.log(T_MAX), SCAN_POINTS)
     values = []

@@ -1,0 +1,168 @@
+"""Soft best-of-N on a calibrated reward (iapo_jax.theory.soft_bon) against things it does not use.
+
+Expected values come from outside the tool: the two-draw closed form (the served density of soft
+best-of-2 is 2 f(u) int f(v) sigmoid((u - v)/lam) dv, integrated by scipy), Monte Carlo of the
+procedure itself with a fixed seed and a stated tolerance, and the procedure's two limits (best-of-N
+as lam -> 0, plain sampling as lam -> inf) computed by the BoN / sampling code.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate, special
+
+from iapo_jax.commands.theory import TheoryConfig, run
+from iapo_jax.theory import soft_bon
+from iapo_jax.theory.analysis import analyse, analyse_density
+from iapo_jax.theory.densities import density_from_log_tilt
+from iapo_jax.theory.optimum import regularised_objective
+from iapo_jax.theory.quadrature import interpolate, make_grid
+from iapo_jax.theory.tilts import log_tilt
+from iapo_jax.theory.win_rates import bon_win_rate, served_cdf, standard_win_rate
+
+A = 2.0  # the test policy: identity tilt f(u) = A e^(A u) / (e^A - 1), exact inverse CDF below
+
+
+def policy(lam):
+    grid = soft_bon.soft_bon_grid(make_grid(), lam)
+    return density_from_log_tilt(grid, log_tilt(grid, "identity", math.log(1.0 / A)))
+
+
+def f_exact(u):
+    return A * np.exp(A * u) / math.expm1(A)
+
+
+def draw_policy(rng, shape):
+    return np.log1p(rng.random(shape) * math.expm1(A)) / A
+
+
+def soft_select(rng, u, lam):
+    """Serves column i of each row with probability softmax(u / lam)_i."""
+    logits = u / lam - np.max(u / lam, axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    pick = (rng.random((u.shape[0], 1)) < np.cumsum(p, axis=1)).argmax(axis=1)
+    return u[np.arange(u.shape[0]), pick]
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.3])
+def test_soft_best_of_two_matches_the_two_draw_closed_form(lam):
+    d = policy(lam)
+
+    def served(u, dens):  # 2 f(u) int_0^1 f(v) sigmoid((u - v) / lam) dv
+        return 2 * dens(u) * integrate.quad(lambda v: dens(v) * special.expit((u - v) / lam), 0, 1,
+                                            epsabs=1e-13)[0]
+
+    def ref_cdf(u):
+        return integrate.quad(lambda x: served(x, lambda v: 1.0), 0, u, epsabs=1e-13)[0]
+
+    win = integrate.quad(lambda u: served(u, f_exact) * ref_cdf(u), 0, 1, epsabs=1e-11, limit=200)[0]
+    assert soft_bon.win_rate(d, 2, lam) == pytest.approx(win, abs=1e-8)
+    at = [0.2, 0.5, 0.9]
+    cdf = interpolate(d.grid, soft_bon.served_cdf(d, 2, lam)[0], at)
+    for u, c in zip(at, cdf):
+        assert c == pytest.approx(integrate.quad(lambda x: served(x, f_exact), 0, u)[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.3])
+def test_served_law_and_win_rate_agree_with_monte_carlo(lam):
+    n, draws = 4, 200_000
+    rng = np.random.default_rng(1234)
+    d = policy(lam)
+    pi = soft_select(rng, draw_policy(rng, (draws, n)), lam)
+    ref = soft_select(rng, rng.random((draws, n)), lam)
+    # 4.5 standard errors: a false alarm about once in 150,000 runs
+    wins = pi > ref
+    assert soft_bon.win_rate(d, n, lam) == pytest.approx(wins.mean(), abs=4.5 * wins.std() / math.sqrt(draws))
+    cdf, _ = soft_bon.served_cdf(d, n, lam)
+    at = np.array([0.3, 0.6, 0.8, 0.95])
+    for sample, dens in ((pi, d), (ref, None)):
+        closed = interpolate(d.grid, cdf if dens is d else soft_bon.reference_cdf(d.grid, n, lam), at)
+        empirical = (sample[:, None] <= at).mean(axis=0)
+        se = np.sqrt(closed * (1 - closed) / draws)
+        assert np.all(np.abs(closed - empirical) <= 4.5 * se + 1e-12)
+    g = soft_bon.served_density(d, n, lam)
+    assert np.dot(d.grid.weights, g) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_small_lam_is_best_of_n_and_large_lam_is_sampling():
+    n = 4
+    gaps = []
+    for lam in (0.01, 0.005):
+        d = policy(lam)
+        gaps.append(abs(soft_bon.win_rate(d, n, lam) - bon_win_rate(d, n)))
+        cdf_bon, _ = served_cdf(d, "bon", n)
+        assert np.max(np.abs(soft_bon.served_cdf(d, n, lam)[0] - cdf_bon)) < 5e-3
+    assert gaps[1] < 3e-4  # measured 2.3e-4
+    assert 3.0 < gaps[0] / gaps[1] < 5.0  # the gap shrinks as lam^2
+    far = []
+    for lam in (1e3, 1e4):
+        d = policy(lam)
+        far.append(abs(soft_bon.win_rate(d, n, lam) - standard_win_rate(d)))
+        assert np.max(np.abs(soft_bon.served_cdf(d, n, lam)[0] - d.cdf)) < 1e-3
+    assert far[1] < 1e-6 and 8.0 < far[0] / far[1] < 12.0  # and as 1 / lam at the other end
+
+
+def test_stationarity_reward_is_the_derivative_of_the_win_rate():
+    n, lam = 4, 0.1
+    d = policy(lam)
+    g = d.grid
+    direction = np.cos(3.0 * g.u)  # perturb log f, renormalised: d f = f (phi - E_f phi) eps
+    r = soft_bon.stationarity_reward(d, n, lam)
+    predicted = np.dot(g.weights, r * d.f * (direction - np.dot(g.weights, d.f * direction)))
+    eps = 1e-5
+    up = density_from_log_tilt(g, d.log_f + eps * direction)
+    down = density_from_log_tilt(g, d.log_f - eps * direction)
+    numeric = (soft_bon.win_rate(up, n, lam) - soft_bon.win_rate(down, n, lam)) / (2 * eps)
+    assert predicted == pytest.approx(numeric, rel=1e-6)
+
+
+def test_optimum_beats_every_transform_and_is_a_local_maximum():
+    n, lam, kl = 4, 0.1, 0.5
+    best, d = analyse_density("soft_bon", n, "optimal", kl=kl, lam=lam)
+    for transform in ("identity", "log", "exp"):
+        other = analyse("soft_bon", n, transform, kl=best.kl, lam=lam)
+        assert other.win_rate <= best.win_rate + 1e-9
+        if transform == "exp":
+            assert best.win_rate - other.win_rate < 5e-3  # exp with its best t comes close
+    base = regularised_objective(d, "soft_bon", n, best.log_beta, lam)
+    for k in (1, 2, 5):
+        for sign in (1, -1):
+            bumped = density_from_log_tilt(d.grid, d.log_f + sign * 1e-3 * np.sin(k * np.pi * d.grid.u))
+            assert regularised_objective(bumped, "soft_bon", n, best.log_beta, lam) < base
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lam": 0.0}, "finite selection temperature lam > 0"),
+        ({"lam": -1.0}, "finite selection temperature lam > 0"),
+        ({"lam": math.nan}, "finite selection temperature lam > 0"),
+        ({"lam": math.inf}, "finite selection temperature lam > 0"),
+        ({"lam": 1e-4}, "outside the analytic tool's range"),
+        ({}, "soft_bon needs its selection temperature"),
+    ],
+)
+def test_bad_lam_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        analyse("soft_bon", 4, "exp", kl=1.0, **kwargs)
+
+
+def test_lam_is_refused_for_other_procedures():
+    with pytest.raises(ValueError, match="leave it unset for bon"):
+        analyse("bon", 4, "exp", kl=1.0, lam=0.1)
+    with pytest.raises(ValueError, match="does not fit procedure 'soft_bon'"):
+        analyse("soft_bon", 4, "negexp", kl=1.0, lam=0.1)
+
+
+def test_command_prints_the_served_law_as_json(capsys):
+    out = run(TheoryConfig(procedure="soft_bon", n=4, lam=0.2, beta=0.5, transform="identity",
+                           json=True, compare=False))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lam"] == 0.2 and printed["procedure"] == "soft_bon"
+    assert printed["win_rate"] == pytest.approx(out["win_rate"])
+    law = printed["served"]
+    assert law["policy_mean"] > law["reference_mean"] > 0.5  # soft selection still lifts pi_ref
+    assert all(0 <= c <= 1 for c in law["policy_cdf"] + law["reference_cdf"])
