@@ -107,6 +107,13 @@ BAD = [
     (["quickstart", "--methods", "bogus"], ["bogus"]),
     (["ctrl", "--transform", "negexp", "--procedure", "bon"], ["negexp", "best-of-N"]),
     (["calibrate", "--samples", "1"], ["--samples", "at least 2"]),
+    (["ctrl", "--pool-size", "0"], ["--pool-size", "at least 2"]),
+    (["ctrl", "--save-every", "-1"], ["--save-every", "at least 1"]),
+    (["compare", "--pool-size", "0"], ["pool_size", "at least 2"]),
+    (["quickstart", "--pool-size", "1"], ["pool_size", "at least 2"]),
+    (["testbed", "--pool-size", "0"], ["--pool-size", "at least 2"]),
+    (["train-rm", "--save-every", "-1"], ["save_every", ">= 0"]),
+    (["train-scorer", "--save-every", "-1"], ["save_every", ">= 0"]),
     (["eval", "--pool", "out"], ["out", "pool"]),
     (["testbed", "--samples-per-prompt", "1"], ["--samples-per-prompt", "RLOO"]),
     # theory, testbed, bench: also flags that mean nothing for them

@@ -189,9 +189,13 @@ def test_json_conversion_and_number_comparison():
     assert same_number(1.0, 1.0 + 1e-12, rtol=1e-9) and not same_number(1.0, None)
 
 
-def test_progress_is_silent_off_a_terminal_and_tables_align(capsys):
-    bar = progress(range(3), desc="x")
-    assert bar.disable and list(bar) == [0, 1, 2]
+def test_progress_is_quiet_off_a_terminal_and_tables_align(capsys):
+    from iapo_jax.runtime.progress import quiet_progress
+
+    bar = progress(range(3), desc="x")  # a log: one line per 30 s at most, none for a short loop
+    assert list(bar) == [0, 1, 2] and capsys.readouterr().err == ""
+    with quiet_progress():
+        assert progress(range(3), desc="x").disable
     table = format_table([{"metric": "loss", "value": 0.123456789}, {"metric": "n", "value": 12}])
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "value"]

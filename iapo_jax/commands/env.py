@@ -67,7 +67,7 @@ def run(cfg: EnvConfig) -> dict:
             return w - cfg.lr * grad, loss
 
         with ctx.timer("fit"):
-            for i in range(cfg.steps):
+            for i in ctx.progress(range(cfg.steps), desc="env", unit="step"):
                 w, loss = step(w, x, y)
                 ctx.log(i, loss=float(loss))
         final = float(_loss(w, x, y))

@@ -24,7 +24,7 @@ POSITIVE_NUMBERS = ("learning_rate", "lr", "lora_alpha", "beta", "target_kl", "c
 NON_NEGATIVE_NUMBERS = ("weight_decay", "margin", "margin_from_gap", "center_coef", "min_gap",
                         "kl_controller_gain", "rtol", "atol")
 # Counts and sizes that must be at least 1.
-POSITIVE_COUNTS = ("steps", "samples", "samples_per_prompt", "prompts_per_step", "pool_size",
+POSITIVE_COUNTS = ("steps", "samples", "samples_per_prompt", "prompts_per_step",
                    "max_new_tokens", "batch_size", "batch_prompts", "train_prompts", "eval_prompts",
                    "num_prompts", "deploy_n", "n", "eval_samples", "repeats", "ppo_epochs",
                    "block_size", "cd_k", "cd_samples", "reference_samples", "bootstrap",
@@ -32,7 +32,7 @@ POSITIVE_COUNTS = ("steps", "samples", "samples_per_prompt", "prompts_per_step",
                    "fsdp", "tensor")
 # Counts where 0 means "off" or "all".
 NON_NEGATIVE_COUNTS = ("warmup_steps", "lora_rank", "top_k", "probe_every", "max_pairs",
-                       "eval_every", "save_every")
+                       "eval_every")
 # Lists whose every entry must be at least 1 / above 0.
 POSITIVE_COUNT_LISTS = ("ns", "eval_ns")
 POSITIVE_NUMBER_LISTS = ("kls", "betas", "sweep_kls")
