@@ -166,3 +166,21 @@ def test_command_prints_the_served_law_as_json(capsys):
     law = printed["served"]
     assert law["policy_mean"] > law["reference_mean"] > 0.5  # soft selection still lifts pi_ref
     assert all(0 <= c <= 1 for c in law["policy_cdf"] + law["reference_cdf"])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_testbed_soft_bon_pmf_matches_enumeration(n):
+    """The exact testbed's soft best-of-N pmf against summing over every tuple of N draws."""
+    import itertools
+
+    from iapo_jax.testbed import exact
+
+    rng = np.random.default_rng(7)
+    p, u, lam = rng.dirichlet(np.ones(6), size=2), rng.random((2, 6)), 0.1
+    want = np.zeros_like(p)
+    for b in range(2):
+        for idx in itertools.product(range(6), repeat=n):
+            pick = np.exp(u[b, list(idx)] / lam)
+            for i, y in enumerate(idx):
+                want[b, y] += np.prod(p[b, list(idx)]) * pick[i] / pick.sum()
+    np.testing.assert_allclose(exact.soft_bon_served(p, u, n, lam), want, rtol=0, atol=1e-13)

@@ -108,8 +108,8 @@ def test_exp_transform_tilt_at_small_t_is_the_identity_tilt():
     assert np.sum(w * u * f) > mean  # the curvature of e^(tu) tilts further up, not down
 
 
-def test_registry_lists_all_five():
-    assert available_transforms() == ["exp", "identity", "log", "logit", "negexp"]
+def test_registry_lists_all_six():
+    assert available_transforms() == ["exp", "identity", "log", "logit", "negexp", "optimal"]
     assert set(TRANSFORMS) == set(available_transforms())
 
 

@@ -33,7 +33,7 @@ from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.sampler import sample_batch
 from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
 from iapo_jax.rewards.calibration import ReferencePool
-from iapo_jax.rewards.transforms import TRANSFORMS, get_transform
+from iapo_jax.rewards.transforms import TRANSFORMS, get_transform, optimal_table
 
 
 def check_same_tokenizer(policy, reference, tokenizer=None, ref_tokenizer=None) -> None:
@@ -56,10 +56,19 @@ def resolve_t(cfg: CTRLConfig) -> float | None:
     from iapo_jax.theory.analysis import analyse
 
     target = cfg.target_kl if cfg.target_kl is not None else 1.0
-    return float(analyse(cfg.procedure, cfg.deploy_n, cfg.transform, kl=target).t)
+    return float(analyse(cfg.procedure, cfg.deploy_n, cfg.transform, kl=target, lam=cfg.lam).t)
 
 
-def unit_range_transform(name: str, t: float | None, eps: float | None = None):
+def resolve_table(cfg: CTRLConfig):
+    """The 'optimal' transform's table: the exact optimum for (procedure, N, lam) at optimal_kl
+    (default: the target KL, else 1 nat)."""
+    if cfg.transform != "optimal":
+        return None
+    target = next(k for k in (cfg.optimal_kl, cfg.target_kl, 1.0) if k is not None)
+    return optimal_table(cfg.procedure, cfg.deploy_n, kl=float(target), lam=cfg.lam)
+
+
+def unit_range_transform(name: str, t: float | None, eps: float | None = None, table=None):
     """Phi for the trainer: exp / negexp rescaled affinely onto [0, 1].
 
     a * Phi + b with a > 0 has the same tilted optimum as Phi at beta * a, so this changes only the
@@ -67,14 +76,15 @@ def unit_range_transform(name: str, t: float | None, eps: float | None = None):
     needs beta ~ e^t), and one beta / KL controller works across transforms.
       exp:     (e^{t(u-1)} - e^{-t}) / (1 - e^{-t})  = (e^{tu} - 1) / (e^t - 1)
       negexp:  (1 - e^{-tu}) / (1 - e^{-t})
-    Other transforms are returned unchanged; log / logit clip u to [eps, 1 - eps], with eps = 1/(2m)
+    Other transforms are returned unchanged (optimal is on [0, 1] already); log / logit clip u to
+    [eps, 1 - eps], with eps = 1/(2m)
     for an m-sample pool (the smallest non-zero mid-rank), as `CTRLTrainer` passes it.
     """
     if name == "exp":
         return lambda u: (jnp.exp(t * (jnp.asarray(u, jnp.float32) - 1.0)) - jnp.exp(-t)) / -jnp.expm1(-t)
     if name == "negexp":
         return lambda u: -jnp.expm1(-t * jnp.asarray(u, jnp.float32)) / -jnp.expm1(-t)
-    return get_transform(name, t, eps if TRANSFORMS[name].clips else None)
+    return get_transform(name, t, eps if TRANSFORMS[name].clips else None, table=table)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float,
@@ -157,12 +167,13 @@ class CTRLTrainer:
             policy, reference, tokenizer, reward, pool)
         self.train_prompts, self.probe_prompts = list(train_prompts), list(probe_prompts)
         self.log = log
-        self.t = resolve_t(cfg)
+        self.t, self.table = resolve_t(cfg), resolve_table(cfg)
         if cfg.transform != "raw":
-            get_transform(cfg.transform, self.t)  # validates t
+            get_transform(cfg.transform, self.t, table=self.table)  # validates t
         # log / logit clip at half the pool's resolution, 1/(2m).
         self.eps = None if pool is None else 1.0 / (2 * pool.num_samples)
-        self.phi = None if cfg.transform == "raw" else unit_range_transform(cfg.transform, self.t, self.eps)
+        self.phi = None if cfg.transform == "raw" else unit_range_transform(
+            cfg.transform, self.t, self.eps, self.table)
         self.beta = float(cfg.beta)
         self.opts = StepOptions(
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, kl_in_loss=cfg.kl_in_loss,

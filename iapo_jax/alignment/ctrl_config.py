@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from iapo_jax.alignment import losses
 
 # 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
-REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp")
-PROCEDURES = ("sampling", "bon", "won")
+REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp", "optimal")
+PROCEDURES = ("sampling", "bon", "won", "soft_bon")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -16,9 +17,11 @@ LR_SCHEDULES = ("constant", "cosine")
 class CTRLConfig:
     """KL-regularised policy gradient on Phi(calibrated reward).
 
-    transform: raw | identity | log | logit | exp | negexp. With exp/negexp and no t, t is the
-      analytic tool's best t for (procedure, deploy_n) at the target KL (or at the KL that beta
-      reaches on a calibrated reward).
+    transform: raw | identity | log | logit | exp | negexp | optimal. With exp/negexp and no t, t
+      is the analytic tool's best t for (procedure, deploy_n) at the target KL (default 1 nat);
+      optimal is the analytic tool's exact optimum log f*(u), tabulated, solved at optimal_kl
+      (default: the target KL, else 1 nat).
+    lam: soft_bon's selection temperature on the calibrated reward (required for soft_bon only).
     beta: KL weight, in units of the transformed reward; exp / negexp are rescaled onto [0, 1]
       (an affine map: same optimal policies, beta measured in the same units as for identity).
       With target_kl set, beta is adapted by a proportional controller.
@@ -33,8 +36,10 @@ class CTRLConfig:
 
     transform: str = "exp"
     t: float | None = None
+    optimal_kl: float | None = None
     procedure: str = "bon"
     deploy_n: int = 4
+    lam: float | None = None
     beta: float = 0.1
     target_kl: float | None = None
     kl_controller_gain: float = 0.1  # fraction of the relative KL error applied to beta per step
@@ -62,6 +67,24 @@ class CTRLConfig:
             raise ValueError(f"unknown transform {self.transform!r}; choose one of {REWARD_TRANSFORMS}")
         if self.procedure not in PROCEDURES:
             raise ValueError(f"unknown procedure {self.procedure!r}; choose one of {PROCEDURES}")
+        if self.procedure == "soft_bon":
+            lam = self.lam
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+                raise ValueError(f"procedure soft_bon needs a finite selection temperature lam > 0 (got "
+                                 f"{lam!r}); e.g. --lam 0.1 (lam -> 0 is best-of-N)")
+            if self.transform == "optimal" or (self.transform == "exp" and self.t is None):
+                from iapo_jax.theory.soft_bon import check_lam
+
+                check_lam(lam)  # the analytic tool's range, for the best t / the optimum
+        elif self.lam is not None:
+            raise ValueError(f"lam is soft_bon's selection temperature; leave it unset for {self.procedure}")
+        if self.transform == "optimal":
+            from iapo_jax.rewards.transforms import check_optimal_procedure
+
+            check_optimal_procedure(self.procedure)
+        if self.optimal_kl is not None and (self.transform != "optimal" or not self.optimal_kl > 0):
+            raise ValueError(f"optimal_kl (got {self.optimal_kl}) is the positive KL at which the optimal "
+                             "transform is solved; use it only with transform=optimal")
         if self.deploy_n < 1:
             raise ValueError(f"deploy_n must be at least 1 (got {self.deploy_n}); N=1 is plain sampling")
         if not self.beta > 0:
@@ -72,7 +95,7 @@ class CTRLConfig:
             raise ValueError(f"t must be positive (got {self.t}); or leave it unset to use the best t")
         if self.transform == "exp" and self.procedure == "won":
             raise ValueError("the exp transform targets best-of-N; use transform=negexp for worst-of-N")
-        if self.transform == "negexp" and self.procedure == "bon":
+        if self.transform == "negexp" and self.procedure in ("bon", "soft_bon"):
             raise ValueError("the negexp transform targets worst-of-N; use transform=exp for best-of-N")
         if self.samples_per_prompt < 2 and self.advantage == "rloo":
             raise ValueError("RLOO needs samples_per_prompt >= 2")

@@ -33,8 +33,12 @@ class TestbedConfig:
 
     cases: tuple[Literal["single", "sequence"], ...] = ("single",)
     """Settings: 'single' (one-token responses, 1,024 tokens) and/or 'sequence' (3 tokens over 8)."""
-    transforms: tuple[Literal["identity", "exp", "negexp", "log", "raw"], ...] = TRANSFORMS
-    """Transforms to train (exp is deployed as best-of-4, negexp as worst-of-4, log as best-of-4)."""
+    transforms: tuple[Literal["identity", "exp", "negexp", "log", "raw", "optimal", "optimal_won",
+                              "soft_exp", "soft_optimal"], ...] = TRANSFORMS
+    """Transforms to train (exp is deployed as best-of-4, negexp as worst-of-4, log as best-of-4;
+    optimal / optimal_won: the closed form's exact optimum for best- / worst-of-4 at each KL;
+    soft_exp / soft_optimal: exp with its best t / the exact optimum, for soft best-of-4 at
+    lam 0.1)."""
     kls: tuple[float, ...] = (0.25, 0.5, 1.0)
     """KLs of the optimum: beta is solved so that pi_opt has this KL."""
     options: tuple[Literal["rloo", "ppo", "kl_in_loss"], ...] = OPTION_NAMES

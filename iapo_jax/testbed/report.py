@@ -46,6 +46,7 @@ def plot_points(records: Sequence[dict], path: str | Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
+    from iapo_jax.testbed.run import TRANSFORM_OF
     from iapo_jax.theory.analysis import analyse
 
     groups: dict[tuple, list[dict]] = {}
@@ -60,8 +61,9 @@ def plot_points(records: Sequence[dict], path: str | Path) -> Path:
             kls = np.linspace(top / 40, top, 30)
             # exp / negexp: the curve of the t each run used (the best t at its target KL)
             ts = sorted({r["t"] for r in rs}, key=lambda v: (v is None, v))
+            phi_name, lam = TRANSFORM_OF.get(transform, transform), rs[0].get("lam")
             for t in ts:
-                wins = [analyse(procedure, n, transform, kl=float(k), t=t).win_rate for k in kls]
+                wins = [analyse(procedure, n, phi_name, kl=float(k), t=t, lam=lam).win_rate for k in kls]
                 label = "closed form" + ("" if t is None else f" (t={t:.3g})")
                 ax.plot([0, *kls], [0.5, *wins], "-", linewidth=1, label=label)
         for option, marker in (("rloo", "o"), ("ppo", "s"), ("kl_in_loss", "^")):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from iapo_jax.alignment.ctrl import CTRLTrainer, resolve_t, unit_range_transform
+from iapo_jax.alignment.ctrl import CTRLTrainer, resolve_table, resolve_t, unit_range_transform
 from iapo_jax.alignment.ctrl_config import CTRLConfig
 from iapo_jax.rewards.pools import sample_reference_pool
 from iapo_jax.testbed import exact
@@ -26,7 +26,11 @@ from iapo_jax.testbed.setting import ExactSetting
 
 # Each transform's deployment: the procedure its optimum is meant for (identity and raw: sampling).
 DEPLOYMENT = {"identity": ("sampling", 1), "raw": ("sampling", 1), "exp": ("bon", 4),
-              "negexp": ("won", 4), "log": ("bon", 4)}
+              "negexp": ("won", 4), "log": ("bon", 4), "optimal": ("bon", 4),
+              "optimal_won": ("won", 4), "soft_exp": ("soft_bon", 4), "soft_optimal": ("soft_bon", 4)}
+# Cases named apart from their transform: the trainer's transform for each.
+TRANSFORM_OF = {"optimal_won": "optimal", "soft_exp": "exp", "soft_optimal": "optimal"}
+SOFT_BON_LAM = 0.1  # soft best-of-4's selection temperature on the calibrated reward
 # Optimiser options the trainer offers; every one must reach the same optimum.
 OPTIONS = {
     "rloo": {},
@@ -79,34 +83,36 @@ def reference_pool(setting: ExactSetting, m: int, seed: int):
                                  per_call=per_call)
 
 
-def trainer_phi(setting: ExactSetting, transform: str, t: float | None, pool) -> np.ndarray:
+def trainer_phi(setting: ExactSetting, transform: str, t: float | None, pool, optimal=None) -> np.ndarray:
     """The trainer's reward Phi(C_hat(x, y)) (or the raw reward) for every response: [P, Y]."""
     table = setting.reward_table
     if transform == "raw":
         return table.astype(np.float64)
     u = pool.calibrate(list(setting.prompts), table)
-    phi = unit_range_transform(transform, t, 1.0 / (2 * pool.num_samples))
+    phi = unit_range_transform(transform, t, 1.0 / (2 * pool.num_samples), optimal)
     return np.asarray(phi(u), np.float64)
 
 
-def closed_form_at(transform: str, procedure: str, n: int, t: float | None, kl: float) -> float | None:
-    """The closed form's win rate of this transform's tilt at KL ``kl`` (None for the raw reward)."""
+def closed_form_at(transform: str, procedure: str, n: int, t: float | None, kl: float,
+                   lam: float | None = None) -> float | None:
+    """The closed form's win rate of this transform's tilt at KL ``kl`` (None for the raw reward;
+    for 'optimal', the exact optimum at that KL)."""
     if transform == "raw":
         return None
     if not kl > 1e-6:  # pi_ref itself
         return 0.5
     from iapo_jax.theory.analysis import analyse
 
-    return float(analyse(procedure, n, transform, kl=kl, t=t).win_rate)
+    return float(analyse(procedure, n, transform, kl=kl, t=t, lam=lam).win_rate)
 
 
-def evaluate(logp, ref_logp, table, procedure: str, n: int) -> dict:
+def evaluate(logp, ref_logp, table, procedure: str, n: int, lam: float | None = None) -> dict:
     """Exact KL and win rates of a policy given by its log-probs over all responses."""
     kl = exact.kl_per_prompt(logp, ref_logp)
     return {
         "kl": float(np.mean(kl)),
         "kl_per_prompt": [float(k) for k in kl],
-        "win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, procedure, n))),
+        "win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, procedure, n, lam))),
         "standard_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table))),
         "bon4_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "bon", 4))),
         "won4_win_rate": float(np.mean(exact.win_rate_per_prompt(logp, ref_logp, table, "won", 4))),
@@ -129,6 +135,8 @@ class Case:
     ref_logp: np.ndarray
     opt_logp: np.ndarray  # log pi_opt [P, Y]
     pool: object
+    lam: float | None = None  # soft_bon's selection temperature
+    optimal: object = None  # the optimal transform's table
 
 
 def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
@@ -139,16 +147,21 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
     if transform not in DEPLOYMENT:
         raise ValueError(f"unknown transform {transform!r}; choose one of {sorted(DEPLOYMENT)}")
     procedure, n = DEPLOYMENT[transform]
+    name, transform = transform, TRANSFORM_OF.get(transform, transform)
+    lam = SOFT_BON_LAM if procedure == "soft_bon" else None
+    optimal_kl = target_kl if transform == "optimal" else None
     ref_logp = exact.response_log_probs(setting.reference, setting) if ref_logp is None else ref_logp
     pool = reference_pool(setting, run.pool_size, run.seed) if pool is None else pool
     probe = CTRLConfig(transform=transform, procedure=procedure, deploy_n=n, target_kl=target_kl,
-                       t=t if transform in ("exp", "negexp") else None)
+                       t=t if transform in ("exp", "negexp") else None, lam=lam, optimal_kl=optimal_kl)
     t = resolve_t(probe)  # given, or the closed form's best t for (procedure, N) at the target KL
-    phi = trainer_phi(setting, transform, t, pool)
+    optimal = resolve_table(probe)  # the closed form's exact optimum at the target KL, tabulated
+    phi = trainer_phi(setting, transform, t, pool, optimal)
     beta = exact.beta_for_kl(ref_logp, phi, target_kl)
     spec = setting.spec
     cfg = CTRLConfig(
-        transform=transform, t=t, procedure=procedure, deploy_n=n, beta=beta,
+        transform=transform, t=t, procedure=procedure, deploy_n=n, beta=beta, lam=lam,
+        optimal_kl=optimal_kl,
         samples_per_prompt=run.samples_per_prompt, prompts_per_step=spec.num_prompts, steps=run.steps,
         learning_rate=run.learning_rate, warmup_steps=run.warmup_steps, lr_schedule=run.lr_schedule,
         max_new_tokens=spec.response_len, seed=run.seed, **OPTIONS[option],
@@ -159,8 +172,8 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
     _, shaped = trainer.shaped_rewards(list(setting.prompts), setting.reward_table.astype(np.float32))
     if not np.allclose(shaped, phi, rtol=1e-5, atol=1e-6):
         raise AssertionError("the trainer's transformed reward differs from the testbed's")
-    return Case(trainer, transform, option, procedure, n, target_kl, t, beta, phi, ref_logp,
-                exact.tilted(ref_logp, phi, beta), pool)
+    return Case(trainer, name, option, procedure, n, target_kl, t, beta, phi, ref_logp,
+                exact.tilted(ref_logp, phi, beta), pool, lam, optimal)
 
 
 def run_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
@@ -170,15 +183,16 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
     case = prepare_case(setting, transform, target_kl, option, run, pool=pool, ref_logp=ref_logp, t=t)
     trainer, procedure, n, t, beta, phi = case.trainer, case.procedure, case.n, case.t, case.beta, case.phi
     ref_logp, opt_logp, pool, spec = case.ref_logp, case.opt_logp, case.pool, setting.spec
+    lam, phi_name = case.lam, TRANSFORM_OF.get(transform, transform)
     table = setting.reward_table
-    optimum = evaluate(opt_logp, ref_logp, table, procedure, n)
+    optimum = evaluate(opt_logp, ref_logp, table, procedure, n, lam)
     exact_u = exact.exact_calibration(ref_logp, table)
 
     curve, start = [], time.perf_counter()
 
     def measure(step: int) -> dict:
         logp = exact.response_log_probs(trainer.current_policy(), setting)
-        m = evaluate(logp, ref_logp, table, procedure, n)
+        m = evaluate(logp, ref_logp, table, procedure, n, lam)
         point = {"step": step, "kl": m["kl"], "win_rate": m["win_rate"],
                  "win_rate_gap": m["win_rate"] - optimum["win_rate"],
                  "kl_gap": m["kl"] - optimum["kl"],
@@ -199,12 +213,12 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
 
     # The exact-calibration optimum: what the same transform reaches when C is known exactly.
     exact_phi = phi if transform == "raw" else np.asarray(
-        unit_range_transform(transform, t, 1.0 / (2 * pool.num_samples))(exact_u), np.float64)
+        unit_range_transform(phi_name, t, 1.0 / (2 * pool.num_samples), case.optimal)(exact_u), np.float64)
     exact_opt = evaluate(exact.tilted(ref_logp, exact_phi, exact.beta_for_kl(ref_logp, exact_phi, target_kl)),
-                         ref_logp, table, procedure, n)
+                         ref_logp, table, procedure, n, lam)
     record = {
         "case": spec.case, "transform": transform, "option": option, "procedure": procedure, "n": n,
-        "target_kl": target_kl, "beta": beta, "t": t, "steps": run.steps,
+        "target_kl": target_kl, "beta": beta, "t": t, "lam": lam, "steps": run.steps,
         "samples_per_prompt": run.samples_per_prompt, "prompts_per_step": spec.num_prompts,
         "samples": run.steps * run.samples_per_prompt * spec.num_prompts, "pool_size": pool.num_samples,
         "learning_rate": run.learning_rate, "lr_schedule": run.lr_schedule, "seconds": seconds,
@@ -214,8 +228,8 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
         "optimum_kl": optimum["kl"], "optimum_win_rate": optimum["win_rate"],
         "kl_to_optimum": curve[-1]["kl_to_optimum"],
         "exact_calibration_optimum_win_rate": exact_opt["win_rate"],
-        "closed_form_win_rate_at_kl": closed_form_at(transform, procedure, n, t, final["kl"]),
-        "closed_form_win_rate_at_optimum_kl": closed_form_at(transform, procedure, n, t, optimum["kl"]),
+        "closed_form_win_rate_at_kl": closed_form_at(phi_name, procedure, n, t, final["kl"], lam),
+        "closed_form_win_rate_at_optimum_kl": closed_form_at(phi_name, procedure, n, t, optimum["kl"], lam),
     }
     record["win_rate_error"] = record["win_rate"] - record["optimum_win_rate"]
     record["kl_relative_error"] = (record["kl"] - record["optimum_kl"]) / record["optimum_kl"]
