@@ -17,6 +17,19 @@ one half. Two estimators of W_r(T(pi) > T(pi_ref) | x):
   Kept for comparison with older results.
 
 For N = 1 both coincide. Intervals come from a bootstrap over prompts, the unit of independence.
+
+Soft best-of-N (procedure "soft_bon", temperature lam) serves response i of its N draws with
+probability softmax(s / lam)_i, s the selection scores (the rewards themselves unless given: pass
+calibrated rewards to select on C as the analytic tool does). Its unbiased estimator is the same
+U-statistic: the kernel, averaged over the selection's randomness, is sum_ik p_i q_k H(a_i, b_k),
+so W = sum_ik w^a_i w^b_k H(a_i, b_k) with w_i = P(sample i is served | a uniformly random
+N-subset). By the Gumbel-max form (serve argmax s_j + lam G_j),
+
+    w_i = (N / n) int p(z) e_{N-1}({K(z + (s_i - s_j) / lam)}_{j != i}) dz / C(n - 1, N - 1),
+
+K(z) = exp(-e^-z) the Gumbel CDF, p = K', e_k the elementary symmetric polynomial (a stable
+recursion of sums of positive terms). The z integral is Gauss-Legendre on [-5, 40], beyond which
+p < 1e-17.
 """
 
 from __future__ import annotations
@@ -26,7 +39,11 @@ import math
 
 import numpy as np
 
-PROCEDURES = ("sampling", "bon", "won")
+PROCEDURES = ("sampling", "bon", "won", "soft_bon")
+_Z_EDGES = np.linspace(-5.0, 40.0, 46)  # unit panels of 16 Gauss-Legendre nodes
+_ZX, _ZW = np.polynomial.legendre.leggauss(16)
+_Z = (_Z_EDGES[:-1, None] + 0.5 * (1.0 + _ZX[None, :])).ravel()
+_P_Z = np.tile(0.5 * _ZW, _Z_EDGES.size - 1) * np.exp(-_Z - np.exp(-_Z))  # weights times p(z)
 ESTIMATORS = ("unbiased", "plugin")
 
 
@@ -39,14 +56,30 @@ class WinRate:
     ci_high: float
     num_prompts: int
     estimator: str = "unbiased"  # recorded with the number: the two differ for N > 1
+    lam: float | None = None  # soft_bon's selection temperature
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _check(procedure: str, n: int, estimator: str) -> None:
+def check_lam(lam) -> float:
+    """soft_bon's temperature as a float; raises ValueError naming the problem and the fix."""
+    number = isinstance(lam, (int, float, np.floating)) and not isinstance(lam, bool)
+    if not number or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"soft best-of-N needs a finite selection temperature lam > 0, got {lam!r}; "
+                         "e.g. lam=0.1 on a calibrated reward (lam -> 0 is best-of-N)")
+    return float(lam)
+
+
+def _check(procedure: str, n: int, estimator: str, lam=None) -> None:
     if procedure not in PROCEDURES:
         raise ValueError(f"unknown procedure {procedure!r}; choose one of {PROCEDURES}")
+    if procedure == "soft_bon":
+        check_lam(lam)
+        if estimator != "unbiased":
+            raise ValueError("soft_bon has only the unbiased estimator; use estimator='unbiased'")
+    elif lam is not None:
+        raise ValueError(f"lam is soft_bon's selection temperature; leave it unset for {procedure}")
     if int(n) < 1:
         raise ValueError(f"N must be at least 1 (got {n}); use N=1 for plain sampling")
     if estimator not in ESTIMATORS:
@@ -73,6 +106,40 @@ def served_rank_weights(num_samples: int, procedure: str, n: int) -> np.ndarray:
     when T takes the max (bon) / min (won) of a uniformly random n-subset without replacement."""
     counts, total = _served_rank_counts(num_samples, procedure, n)
     return np.array([c / total for c in counts], np.float64)  # exact integer ratios
+
+
+def soft_served_weights(selection: np.ndarray, n: int, lam: float) -> np.ndarray:
+    """[P, m] -> [P, m]: P(sample j is served) when soft best-of-n (temperature lam, on these
+    selection scores) runs on a uniformly random n-subset of the m samples, drawn without
+    replacement (see the module docstring)."""
+    s = np.asarray(selection, np.float64)
+    p_rows, m = s.shape
+    if m < n:
+        raise ValueError(
+            f"the unbiased soft_bon win rate at N={n} needs at least N samples per prompt on each "
+            f"side, got {m}; draw more samples or lower N")
+    if n == 1:
+        return np.full(s.shape, 1.0 / m)
+    out = np.empty(s.shape)
+    for r in range(p_rows):
+        # K[i, q, j] = K(z_q + (s_i - s_j) / lam), with j = i removed by a zero (e_k ignores it)
+        gap = (s[r][:, None] - s[r][None, :]) / lam
+        with np.errstate(over="ignore"):  # exp(-inf) = 0: j far above i
+            k = np.exp(-np.exp(-(_Z[None, :, None] + gap[:, None, :])))
+        k[np.arange(m), :, np.arange(m)] = 0.0
+        e = np.zeros((m, _Z.size, n))
+        e[..., 0] = 1.0
+        for j in range(m):  # e_k <- e_k + K_j e_{k-1}, top degree first
+            e[..., 1:] = e[..., 1:] + k[..., j, None] * e[..., :-1]
+        out[r] = (n / m) * (e[..., n - 1] @ _P_Z) / math.comb(m - 1, n - 1)
+    return out
+
+
+def _soft_bon(a, b, n: int, lam: float, sel_a, sel_b) -> np.ndarray:
+    wa = soft_served_weights(a if sel_a is None else sel_a, n, lam)
+    wb = soft_served_weights(b if sel_b is None else sel_b, n, lam)
+    twice_h = 2.0 * (a[:, :, None] > b[:, None, :]) + (a[:, :, None] == b[:, None, :])
+    return np.einsum("pj,pjk,pk->p", wa, twice_h, wb) / 2.0
 
 
 def _served_pmf(values: np.ndarray, support: np.ndarray, procedure: str, n: int) -> np.ndarray:
@@ -124,9 +191,12 @@ def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarra
 
 
 def per_prompt_win_rates(policy_scores, reference_scores, procedure: str = "sampling", n: int = 1,
-                         estimator: str = "unbiased"):
-    """W_r(T(pi) > T(pi_ref) | x) for each prompt; scores are [P, n_a] and [P, n_b] arrays."""
-    _check(procedure, n, estimator)
+                         estimator: str = "unbiased", *, lam: float | None = None, selection=None):
+    """W_r(T(pi) > T(pi_ref) | x) for each prompt; scores are [P, n_a] and [P, n_b] arrays.
+
+    soft_bon: lam is its temperature; selection = (policy, reference) arrays shaped like the
+    scores that it selects on (default: the scores)."""
+    _check(procedure, n, estimator, lam)
     n = int(n)
     a = np.asarray(policy_scores, dtype=np.float64)
     b = np.asarray(reference_scores, dtype=np.float64)
@@ -137,12 +207,19 @@ def per_prompt_win_rates(policy_scores, reference_scores, procedure: str = "samp
         )
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("scores contain NaN; check the reward function's output")
+    if procedure == "soft_bon":
+        sel_a, sel_b = (None, None) if selection is None else (np.asarray(x, np.float64) for x in selection)
+        for x, like in ((sel_a, a), (sel_b, b)):
+            if x is not None and (x.shape != like.shape or not np.all(np.isfinite(x))):
+                raise ValueError(f"selection scores must be finite and shaped like the scores {like.shape}")
+        return _soft_bon(a, b, n, check_lam(lam), sel_a, sel_b)
     return (_unbiased if estimator == "unbiased" else _plugin)(a, b, procedure, n)
 
 
 def inference_time_win_rate(policy_scores, reference_scores, procedure="sampling", n=1,
-                            estimator: str = "unbiased") -> float:
-    return float(np.mean(per_prompt_win_rates(policy_scores, reference_scores, procedure, n, estimator)))
+                            estimator: str = "unbiased", *, lam=None, selection=None) -> float:
+    return float(np.mean(per_prompt_win_rates(policy_scores, reference_scores, procedure, n, estimator,
+                                              lam=lam, selection=selection)))
 
 
 def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -162,13 +239,18 @@ def bootstrap_win_rate(
     confidence: float = 0.95,
     seed: int = 0,
     estimator: str = "unbiased",
+    *,
+    lam: float | None = None,
+    selection=None,
 ) -> WinRate:
     """Win rate with a percentile bootstrap interval over prompts (fixed seed: reproducible)."""
-    per_prompt = per_prompt_win_rates(policy_scores, reference_scores, procedure, n, estimator)
+    per_prompt = per_prompt_win_rates(policy_scores, reference_scores, procedure, n, estimator,
+                                      lam=lam, selection=selection)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_prompt), size=(num_resamples, len(per_prompt)))
     lo, hi = _percentile_interval(per_prompt[idx].mean(axis=1), confidence)
-    return WinRate(procedure, int(n), float(per_prompt.mean()), lo, hi, len(per_prompt), estimator)
+    return WinRate(procedure, int(n), float(per_prompt.mean()), lo, hi, len(per_prompt), estimator,
+                   None if lam is None else float(lam))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,7 @@ class RunSettings:
 # beta, while the exact expected gradient converges in 400 steps; see the testbed results). The
 # sequence case has 512 responses per prompt, each needing its own tilt: 256 rollouts per prompt.
 BUDGETS = {("single", "negexp"): {"steps": 800, "samples_per_prompt": 256},
+           ("single", "optimal_won"): {"steps": 800, "samples_per_prompt": 256},  # as negexp
            ("sequence", None): {"steps": 600, "samples_per_prompt": 256},
            ("sequence", "negexp"): {"steps": 800, "samples_per_prompt": 256}}
 
