@@ -6,6 +6,7 @@ procedure itself with a fixed seed and a stated tolerance, and the procedure's t
 as lam -> 0, plain sampling as lam -> inf) computed by the BoN / sampling code.
 """
 
+import functools
 import json
 import math
 
@@ -237,3 +238,94 @@ def test_estimator_refuses_a_bad_lam(lam):
 
     with pytest.raises(ValueError, match="finite selection temperature lam > 0"):
         per_prompt_win_rates(np.zeros((1, 4)), np.zeros((1, 4)), "soft_bon", 2, lam=lam)
+
+
+# --- the decoder (iapo_jax.decoding.best_of_n with lam) -----------------------------------------
+
+DECODE_PROMPTS = [[5 + i % 7, 6 + i % 5, 7, 8 + i % 3] for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    from iapo_jax import load_model
+
+    return load_model(tiny_llama_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _sines():
+    """One scorer object for every call: a new one would be a new static argument (a compile)."""
+    import jax.numpy as jnp
+
+    from iapo_jax.decoding.scorers import PrefixFn
+
+    return PrefixFn(lambda ids, mask: jnp.sum(jnp.where(mask, jnp.sin(ids * 1.618 + 0.3), 0.0), -1), "sines")
+
+
+def test_soft_selection_draws_from_the_softmax_of_the_scores(llama):
+    """Over 16 prompts x 6 keys, how often each rank is served matches sum_rows softmax(s / lam)
+    (chi-square with 3 degrees of freedom, 5-sigma bound); the responses are hard BoN's."""
+    from iapo_jax.decoding.best_of_n import best_of_n
+
+    lam, observed, expected = 0.5, np.zeros(4), np.zeros(4)
+    for key in range(6):
+        out = best_of_n(llama, DECODE_PROMPTS, _sines(), n=4, max_new_tokens=6, key=key, lam=lam)
+        if key == 0:
+            hard = best_of_n(llama, DECODE_PROMPTS, _sines(), n=4, max_new_tokens=6, key=key)
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(hard.tokens))
+        scores = np.asarray(out.scores, np.float64)
+        order = np.argsort(-scores, axis=1)  # rank 0 = best
+        p = np.exp((scores - scores.max(1, keepdims=True)) / lam)
+        p /= p.sum(1, keepdims=True)
+        expected += np.take_along_axis(p, order, 1).sum(0)
+        ranks = np.argmax(order == np.asarray(out.chosen)[:, None], axis=1)
+        observed += np.bincount(ranks, minlength=4)
+    chi2 = np.sum((observed - expected) ** 2 / expected)
+    assert chi2 < 3 + 5 * math.sqrt(6), (observed, expected)
+    assert 0 < observed[0] < observed.sum()  # soft: not always the best, yet mostly
+
+
+def test_tiny_lam_is_best_of_n_and_python_scorers_select_on_the_host(llama):
+    from iapo_jax.decoding.best_of_n import best_of_n
+
+    hard = best_of_n(llama, DECODE_PROMPTS, _sines(), n=4, max_new_tokens=6, key=3)
+    soft = best_of_n(llama, DECODE_PROMPTS, _sines(), n=4, max_new_tokens=6, key=3, lam=1e-6)
+    np.testing.assert_array_equal(np.asarray(soft.chosen), np.asarray(hard.chosen))
+    assert soft.kl_bound == pytest.approx(math.log(4))
+
+    class Letters:  # one letter per token id, enough for a Python scorer
+        eos_token_id, chat_template = 2, None
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    host = best_of_n(llama, DECODE_PROMPTS, lambda p, r: [float(s.count("a")) for s in r], n=4,
+                     max_new_tokens=6, key=3, lam=1e-6, tokenizer=Letters(), chat=False)
+    scores = np.asarray(host.scores)
+    assert np.all(np.take_along_axis(scores, np.asarray(host.chosen)[:, None], 1)[:, 0] == scores.max(1))
+
+
+def test_lam_is_traced_no_recompile(llama):
+    from iapo_jax.decoding import best_of_n as bon_mod
+
+    bon_mod.best_of_n(llama, DECODE_PROMPTS[:2], _sines(), n=3, max_new_tokens=8, key=0, lam=1.0)
+    before = bon_mod.best_of_n_jit._cache_size()
+    for i, lam in enumerate([0.01, 0.3, 7.0]):
+        bon_mod.best_of_n(llama, DECODE_PROMPTS[:2], _sines(), n=3, max_new_tokens=8, key=i + 1, lam=lam)
+    assert bon_mod.best_of_n_jit._cache_size() == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lam": 0.0}, "finite selection temperature"), ({"lam": -2.0}, "finite selection temperature"),
+    ({"lam": math.nan}, "finite selection temperature"), ({"lam": math.inf}, "finite selection temperature"),
+    ({"lam": 0.1, "worst": True}, "best-of-N only"),
+])
+def test_decoder_refuses_a_bad_lam_before_compute(llama, kwargs, match, monkeypatch):
+    from iapo_jax.decoding import best_of_n as bon_mod
+
+    def boom(*a, **k):
+        raise AssertionError("compute started")
+
+    monkeypatch.setattr(bon_mod, "prepare", boom)
+    with pytest.raises(ValueError, match=match):
+        bon_mod.best_of_n(llama, DECODE_PROMPTS[:2], _sines(), n=3, max_new_tokens=8, **kwargs)

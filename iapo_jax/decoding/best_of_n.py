@@ -1,6 +1,10 @@
 """Best-of-N and worst-of-N: prefill each prompt once, broadcast its cache to N branches, sample all
 N in one compiled call, score them, and keep the best (or worst) per prompt.
 
+Soft best-of-N (``lam=``): serve response i with probability softmax(score / lam)_i, drawn as
+argmax(score + lam * Gumbel) so no exponential overflows; lam is a traced value (no recompiles).
+Pass a calibrated reward as the scorer to select on C as the analytic tool does.
+
 With only JAX scorers (reward models, value models, PrefixFn) decoding, scoring and selection are
 one compiled program. Python scorers on strings run on the host after the compiled decode.
 """
@@ -8,6 +12,7 @@ one compiled program. Python scorers on strings run on the host after the compil
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -17,7 +22,7 @@ from flax import nnx, struct
 
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
 from iapo_jax.decoding.filters import DEFAULT_CAP
-from iapo_jax.decoding.inputs import prepare
+from iapo_jax.decoding.inputs import as_key, prepare
 from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
 from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice
 from iapo_jax.decoding.sampler import decode_jit, decode_texts, split_model, start_jit, trim
@@ -58,17 +63,37 @@ def select(scores: jax.Array, worst: bool) -> jax.Array:
     return jnp.argmin(scores, axis=1) if worst else jnp.argmax(scores, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "n", "worst", "cap"),
+def soft_select(scores: jax.Array, lam, key) -> jax.Array:
+    """[B, N] -> [B]: index i with probability softmax(scores / lam)_i (Gumbel-max trick)."""
+    return jnp.argmax(scores + lam * jax.random.gumbel(key, scores.shape, jnp.float32), axis=1)
+
+
+soft_select_jit = jax.jit(soft_select)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "n", "worst", "cap", "soft"),
                    donate_argnames=("dstate",))
 def best_of_n_jit(graphdef, state, dstate, rules: DecodeRules, ids, mask, kinds, sstates, weights,
-                  until, *, n: int, worst: bool, cap: int = DEFAULT_CAP):
+                  until, lam=None, select_key=None, *, n: int, worst: bool, cap: int = DEFAULT_CAP,
+                  soft: bool = False):
     """Decode the N branches, score them with the JAX scorers and select, in one program."""
     model = nnx.merge(graphdef, state)
     ds = decode(model, dstate, rules, until, plain_choice(cap))
     parts = final_scores(kinds, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0),
                          ds.tokens, ds.lengths)
     total = (weights @ parts).reshape(-1, n)
-    return ds, parts, select(total, worst)
+    return ds, parts, soft_select(total, lam, select_key) if soft else select(total, worst)
+
+
+def check_lam(lam, worst: bool) -> float:
+    """Soft best-of-N's temperature as a float; raises ValueError naming the problem and the fix."""
+    if worst:
+        raise ValueError("lam (soft selection) applies to best-of-N only; leave it unset with worst=True")
+    number = isinstance(lam, (int, float, np.floating)) and not isinstance(lam, bool)
+    if not number or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"soft best-of-N needs a finite selection temperature lam > 0, got {lam!r}; "
+                         "leave lam unset for hard best-of-N")
+    return float(lam)
 
 
 @functools.partial(jax.jit, static_argnames=("kinds", "n"))
@@ -97,8 +122,10 @@ def best_of_n(
     prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
     response_buckets: Sequence[int] = RESPONSE_BUCKETS,
     cap: int = DEFAULT_CAP,
+    lam: float | None = None,
 ) -> BestOfNOutput:
-    """Sample n responses per prompt and select the best (or, with worst=True, the worst).
+    """Sample n responses per prompt and select the best (or, with worst=True, the worst); with
+    lam, soft best-of-N: response i with probability softmax(score / lam)_i.
 
     reward: a scorer or a list of scorers / (scorer, weight) pairs (see `scorers`); `weights`
     overrides the weights at call time. Python scorers get (prompt texts, response texts) and must
@@ -107,6 +134,10 @@ def best_of_n(
     if int(n) < 1:
         raise ValueError(f"N must be at least 1, got {n}.")
     n = int(n)
+    soft = lam is not None
+    lam = check_lam(lam, worst) if soft else None
+    # the selection's own stream: the responses stay those of hard best-of-N with the same key
+    select_key = jax.random.fold_in(as_key(key), 0x50F7) if soft else None
     sset = as_scorer_set(reward, weights)
     if sset.has_host and tokenizer is None:
         raise ValueError("a Python scorer scores text: pass tokenizer= so responses can be decoded.")
@@ -121,8 +152,9 @@ def best_of_n(
     b = batch.real_rows
     if not sset.has_host:
         ds, parts, chosen = best_of_n_jit(graphdef, state, ds, rules, batch.ids, batch.mask, sset.kinds,
-                                          sset.states, sset.weights, batch.response_len, n=n,
-                                          worst=worst, cap=cap)
+                                          sset.states, sset.weights, batch.response_len,
+                                          jnp.float32(lam) if soft else None, select_key, n=n,
+                                          worst=worst, cap=cap, soft=soft)
         parts = parts[:, :rows]
         chosen = chosen[:b]
     else:
@@ -139,7 +171,8 @@ def best_of_n(
         weight_np.append(host_weights(sset.host))
         parts = jnp.asarray(np.concatenate(parts_np))
         total = jnp.asarray(np.concatenate(weight_np)) @ parts
-        chosen = select(total.reshape(b, n), worst)
+        chosen = (soft_select_jit(total.reshape(b, n), jnp.float32(lam), select_key) if soft
+                  else select(total.reshape(b, n), worst))
     parts_host = np.asarray(parts)
     if not np.all(np.isfinite(parts_host)):
         bad = [sset.names[i] for i in range(parts_host.shape[0]) if not np.all(np.isfinite(parts_host[i]))]
@@ -153,7 +186,8 @@ def best_of_n(
         tokens=shape3(ds.tokens), lengths=trim(ds.lengths, rows).reshape(b, n),
         logprobs=shape3(ds.logprobs), raw_logprobs=shape3(ds.raw_logprobs),
         scores=total.reshape(b, n), component_scores=parts.reshape(-1, b, n), chosen=chosen,
-        kl_bound=best_of_k_kl_bound(n))
+        # soft: the served pmf is at most N times pi's (one of N draws), so KL <= log N
+        kl_bound=math.log(n) if soft else best_of_k_kl_bound(n))
     if tokenizer is not None:
         flat = decode_texts(tokenizer, out.tokens.reshape(rows, -1), out.lengths.reshape(rows))
         out = out.replace(texts=tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(b)))
