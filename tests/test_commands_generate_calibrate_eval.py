@@ -180,6 +180,36 @@ def test_eval_refuses_n_larger_than_the_samples_before_sampling(capsys, calibrat
     assert code == 2 and "--ns 4 exceeds --samples 2" in err and "Traceback" not in err, err
 
 
+def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated, other_policy_dir, tmp_path):
+    """soft_bon rows are the unbiased estimator on the samples, selecting on C_hat; a bad --lam
+    is refused in one line before anything loads."""
+    from iapo_jax.evaluation.win_rates import per_prompt_win_rates, pool_calibration
+
+    pool = ReferencePool.load(calibrated / "pool")
+    run_dir = tmp_path / "soft"
+    code, out, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
+                             "--samples", "4", "--ns", "2", "3", "--procedures", "soft_bon",
+                             "--lam", "0.2", "--bootstrap", "50", "--batch-prompts", "2", "--data", "1",
+                             "--run-dir", run_dir)
+    assert code == 0, err
+    assert "| soft best-of-N | 3 |" in out
+    rows = read_jsonl(run_dir / "samples.jsonl")
+    policy = np.array([[r["reward"] for r in rows if r["prompt_index"] == i] for i in range(3)])
+    ref = pool.scores[:3]
+    metrics = load_record(run_dir)["metrics"]
+    for n in (2, 3):
+        want = per_prompt_win_rates(policy, ref, "soft_bon", n, lam=0.2,
+                                    selection=(pool_calibration(policy, ref), pool_calibration(ref, ref)))
+        assert metrics[f"win_rate.soft_bon_{n}"] == pytest.approx(want.mean(), abs=1e-12)
+    for bad in (("--lam", "0"), ("--lam", "-1"), ()):
+        code, _, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
+                               "--procedures", "soft_bon", *bad, "--run-dir", tmp_path / "bad")
+        assert code == 2 and "lam" in err and "Traceback" not in err, err
+    code, _, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
+                           "--lam", "0.2", "--run-dir", tmp_path / "bad")
+    assert code == 2 and "add soft_bon to --procedures" in err
+
+
 @pytest.mark.slow
 def test_generate_token_cd_with_one_candidate_is_greedy(capsys, tiny_chat_llama_dir, prompts_file,
                                                         tmp_path):

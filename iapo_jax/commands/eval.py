@@ -59,8 +59,11 @@ class EvalConfig:
     """Policy samples per prompt."""
     num_prompts: int | None = None
     """Evaluate on the first k prompts of the pool (default: all)."""
-    procedures: tuple[Literal["sampling", "bon", "won"], ...] = ("sampling", "bon", "won")
-    """Inference-time procedures T: plain sampling, best-of-N, worst-of-N."""
+    procedures: tuple[Literal["sampling", "bon", "won", "soft_bon"], ...] = ("sampling", "bon", "won")
+    """Inference-time procedures T: plain sampling, best-of-N, worst-of-N, soft best-of-N (--lam)."""
+    lam: float | None = None
+    """soft_bon's selection temperature: response i of N is served with probability
+    softmax(C / lam)_i, C the pool calibration of the reward (required with soft_bon only)."""
     ns: tuple[int, ...] = (2, 4, 8, 16)
     """N for best-of-N and worst-of-N (plain sampling is N = 1)."""
     reward: str | None = None
@@ -153,6 +156,19 @@ def check_config(cfg: EvalConfig) -> None:
         raise JobInputError("--procedures is empty; choose from sampling, bon, won")
     if any(n < 1 for n in cfg.ns):
         raise JobInputError(f"--ns must hold positive integers, got {list(cfg.ns)}")
+    if "soft_bon" in cfg.procedures:
+        from iapo_jax.evaluation.win_rates import check_lam
+
+        try:
+            check_lam(cfg.lam)
+        except ValueError as err:
+            raise JobInputError(f"--procedures soft_bon: {err} (--lam)") from None
+        if cfg.baseline is not None:
+            raise JobInputError("--baseline comparisons do not cover soft_bon yet; drop soft_bon from "
+                                "--procedures or --baseline")
+    elif cfg.lam is not None:
+        raise JobInputError("--lam is soft_bon's selection temperature; add soft_bon to --procedures "
+                            "or drop --lam")
     if any(p != "sampling" for p in cfg.procedures) and not cfg.ns:
         raise JobInputError("--ns is empty; give N values for bon/won, e.g. --ns 2 4 8")
     if not 0 < cfg.confidence < 1:
@@ -162,20 +178,26 @@ def check_config(cfg: EvalConfig) -> None:
 
 
 def win_rate_rows(policy_scores, reference_scores, cfg: EvalConfig) -> list:
-    """WinRate per (procedure, N): sampling once, bon/won at every N of cfg.ns."""
+    """WinRate per (procedure, N): sampling once, bon/won/soft_bon at every N of cfg.ns."""
     from iapo_jax.evaluation import bootstrap_win_rate
+    from iapo_jax.evaluation.win_rates import pool_calibration
 
     rows = []
     for procedure in cfg.procedures:
+        soft = procedure == "soft_bon"  # selects on the calibration against the pool's samples
+        selection = (pool_calibration(policy_scores, reference_scores),
+                     pool_calibration(reference_scores, reference_scores)) if soft else None
         for n in ((1,) if procedure == "sampling" else tuple(dict.fromkeys(cfg.ns))):
             rows.append(bootstrap_win_rate(policy_scores, reference_scores, procedure, n,
                                            num_resamples=cfg.bootstrap, confidence=cfg.confidence,
-                                           seed=cfg.seed))
+                                           seed=cfg.seed, lam=cfg.lam if soft else None,
+                                           selection=selection))
     return rows
 
 
 def markdown_table(rows, *, title: str, notes: list[str], confidence: float) -> str:
-    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N"}
+    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N",
+             "soft_bon": "soft best-of-N"}
     pct = f"{confidence:.0%}"
     lines = [f"# {title}", "", *notes, "",
              f"| procedure | N | win rate vs reference | {pct} interval | prompts |",

@@ -135,6 +135,14 @@ def soft_served_weights(selection: np.ndarray, n: int, lam: float) -> np.ndarray
     return out
 
 
+def pool_calibration(scores, pool_scores) -> np.ndarray:
+    """Mid-rank of each score among its prompt's pool: [P, k] against [P, m] -> [P, k] in [0, 1]."""
+    x, pool = np.asarray(scores, np.float64), np.sort(np.asarray(pool_scores, np.float64), axis=1)
+    below = np.stack([np.searchsorted(p, r, side="left") for p, r in zip(pool, x)])
+    upto = np.stack([np.searchsorted(p, r, side="right") for p, r in zip(pool, x)])
+    return (below + upto) / (2.0 * pool.shape[1])
+
+
 def _soft_bon(a, b, n: int, lam: float, sel_a, sel_b) -> np.ndarray:
     wa = soft_served_weights(a if sel_a is None else sel_a, n, lam)
     wb = soft_served_weights(b if sel_b is None else sel_b, n, lam)
