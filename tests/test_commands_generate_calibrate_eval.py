@@ -180,6 +180,22 @@ def test_eval_refuses_n_larger_than_the_samples_before_sampling(capsys, calibrat
     assert code == 2 and "--ns 4 exceeds --samples 2" in err and "Traceback" not in err, err
 
 
+def test_generate_soft_best_of_n(capsys, calibrated, tiny_chat_llama_dir, prompts_file, tmp_path):
+    """soft-bon draws best-of-4's candidates and serves one of them; a tiny --lam serves the best;
+    a bad --lam is refused before the model loads."""
+    pool = ReferencePool.load(calibrated / "pool")
+    base = ["generate", "--model", tiny_chat_llama_dir, "--prompts-file", prompts_file, "--n", "4",
+            "--reward", "length", *SHAPES, "--mode", "soft-bon"]
+    code, _, err = run_cli(capsys, *base, "--lam", "1e-6", "--run-dir", tmp_path / "soft")
+    assert code == 0, err
+    for r in read_jsonl(tmp_path / "soft" / "samples.jsonl"):
+        assert sorted(r["candidate_scores"]) == pool.scores[r["prompt_index"]].tolist()
+        assert r["reward"] == np.max(pool.scores[r["prompt_index"]])
+    assert load_record(tmp_path / "soft")["metrics"]["kl_bound"] == pytest.approx(np.log(4))
+    code, _, err = run_cli(capsys, *base, "--lam", "0", "--run-dir", tmp_path / "bad")
+    assert code == 2 and "lam" in err and not (tmp_path / "bad").exists(), err
+
+
 def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated, other_policy_dir, tmp_path):
     """soft_bon rows are the unbiased estimator on the samples, selecting on C_hat; a bad --lam
     is refused in one line before anything loads."""

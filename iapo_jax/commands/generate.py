@@ -15,6 +15,7 @@ num_tokens, and the reward (when --reward is given) or the decoding method's own
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ import numpy as np
 
 from iapo_jax.commands.job_inputs import JobInputError
 
-MODES = ("plain", "bon", "won", "blockwise", "token-cd")
+MODES = ("plain", "bon", "won", "soft-bon", "blockwise", "token-cd")
 REPRODUCE_IGNORE = ("*per_s",)
 
 
@@ -46,8 +47,9 @@ class GenerateConfig:
     """How many prompts (default: all of the file, or 16 chat questions)."""
     prompt_seed: int = 0
     """Shuffle seed of the packaged chat questions."""
-    mode: Literal["plain", "bon", "won", "blockwise", "token-cd"] = "plain"
-    """plain sampling; bon/won: best/worst of --n by --reward; blockwise: K = --n candidate blocks
+    mode: Literal["plain", "bon", "won", "soft-bon", "blockwise", "token-cd"] = "plain"
+    """plain sampling; bon/won: best/worst of --n by --reward; soft-bon: of --n, response i with
+    probability softmax(reward / --lam)_i; blockwise: K = --n candidate blocks
     of --block-size tokens ranked by --scorer; token-cd: tilt the top --cd-top-k tokens by
     exp(--lam * value) of a trained --scorer."""
     n: int = 1
@@ -75,7 +77,8 @@ class GenerateConfig:
     block_size: int = 8
     """Blockwise CD: tokens per block (M)."""
     lam: float = 1.0
-    """Token-level CD: tilt strength lambda (0: plain top-k sampling)."""
+    """Token-level CD: tilt strength lambda (0: plain top-k sampling); soft-bon: the selection
+    temperature, in the reward's units (> 0)."""
     cd_top_k: int = 10
     """Token-level CD: candidate tokens per step."""
     batch_prompts: int = 8
@@ -90,7 +93,14 @@ def check_config(cfg: GenerateConfig) -> None:
     from iapo_jax.rewards.spec import RewardSpecError, check_on_tokens
 
     check_sampling(cfg)
-    if cfg.mode in ("bon", "won") and not cfg.reward:
+    if cfg.mode == "soft-bon":
+        from iapo_jax.decoding.best_of_n import check_lam
+
+        try:
+            check_lam(cfg.lam, worst=False)
+        except ValueError as err:
+            raise JobInputError(f"--mode soft-bon: {err} (--lam)") from None
+    if cfg.mode in ("bon", "won", "soft-bon") and not cfg.reward:
         raise JobInputError(f"--mode {cfg.mode} ranks the {cfg.n} samples by a reward; pass --reward "
                             "NAME (e.g. --reward vader)")
     if cfg.mode in ("blockwise", "token-cd") and not cfg.scorer:
@@ -104,7 +114,7 @@ def check_config(cfg: GenerateConfig) -> None:
         if cfg.top_k or cfg.top_p < 1:
             raise JobInputError("--mode token-cd draws from its own top --cd-top-k tokens; leave "
                                 "--top-k and --top-p at their defaults")
-    if cfg.scorer and cfg.mode in ("plain", "bon", "won"):
+    if cfg.scorer and cfg.mode in ("plain", "bon", "won", "soft-bon"):
         raise JobInputError(f"--scorer is used by --mode blockwise and token-cd, not {cfg.mode}; "
                             "drop it or change --mode")
     if cfg.reward_options and not cfg.reward:
@@ -143,9 +153,9 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
             b = len(prompts)
             return {"tokens": np.asarray(out.tokens).reshape(b, cfg.n, -1),
                     "lengths": np.asarray(out.lengths).reshape(b, cfg.n)}
-        if cfg.mode in ("bon", "won"):
+        if cfg.mode in ("bon", "won", "soft-bon"):
             out = best_of_n(model, prompts, reward, n=cfg.n, worst=cfg.mode == "won", key=k,
-                            **filters, **common)
+                            lam=cfg.lam if cfg.mode == "soft-bon" else None, **filters, **common)
             return {"tokens": np.asarray(out.best_tokens)[:, None],
                     "lengths": np.asarray(out.best_lengths)[:, None],
                     "candidate_scores": np.asarray(out.scores), "chosen": np.asarray(out.chosen)}
@@ -238,8 +248,8 @@ def run(cfg: GenerateConfig) -> dict:
         if rewards is not None:
             metrics["mean_reward"] = float(rewards.mean())
             metrics["reward_std"] = float(rewards.std())
-        if cfg.mode in ("bon", "won"):
-            metrics["kl_bound"] = float(best_of_k_kl_bound(cfg.n))
+        if cfg.mode in ("bon", "won", "soft-bon"):  # soft: one of N draws, so KL <= log N
+            metrics["kl_bound"] = float(math.log(cfg.n) if cfg.mode == "soft-bon" else best_of_k_kl_bound(cfg.n))
             metrics["mean_selected_score"] = float(
                 np.take_along_axis(out["candidate_scores"], out["chosen"][:, None], 1).mean())
         if cfg.mode == "blockwise":
