@@ -329,3 +329,37 @@ def test_decoder_refuses_a_bad_lam_before_compute(llama, kwargs, match, monkeypa
     monkeypatch.setattr(bon_mod, "prepare", boom)
     with pytest.raises(ValueError, match=match):
         bon_mod.best_of_n(llama, DECODE_PROMPTS[:2], _sines(), n=3, max_new_tokens=8, **kwargs)
+
+
+# --- compare (iapo_jax.evaluation.comparison) ----------------------------------------------------
+
+def test_compare_trains_for_soft_bon_and_evaluates_under_it():
+    from iapo_jax.evaluation.comparison import CompareConfig, evaluate_reference, predicted_win_rate
+
+    cfg = CompareConfig(procedure="soft_bon", lam=0.1, eval_ns=(2, 4)).validate()
+    ctrl = cfg.ctrl_config("ctrl")
+    assert (ctrl.transform, ctrl.procedure, ctrl.lam) == ("exp", "soft_bon", 0.1)
+    assert predicted_win_rate("ctrl", cfg, 0.5) == pytest.approx(
+        analyse("soft_bon", 4, "exp", kl=0.5, lam=0.1).win_rate, abs=1e-9)
+
+    class Pool:
+        scores = np.random.default_rng(0).random((4, 8))
+
+    rows = evaluate_reference(Pool, cfg)["win_rates"]
+    for n in (2, 4):  # pi_ref against itself: exactly one half
+        assert rows[f"soft_bon@{n}"]["win_rate"] == pytest.approx(0.5, abs=1e-12)
+        assert rows[f"soft_bon@{n}"]["lam"] == 0.1
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--procedure", "soft_bon"], "lam > 0"), (["--procedure", "soft_bon", "--lam", "-1"], "lam > 0"),
+    (["--procedure", "bon", "--lam", "0.1"], "leave it unset"),
+    (["--procedure", "soft_bon", "--lam", "0.1", "--sweep-kls", "0.5"], "sweeps do not cover"),
+])
+def test_compare_refuses_a_bad_lam_in_one_line(capsys, tmp_path, args, match):
+    from iapo_jax import cli
+
+    code = cli.main(["compare", *args, "--run-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()

@@ -49,9 +49,11 @@ class CompareConfig:
     """Reward spec: a packaged scorer (vader, textblob, harmlessness, length[:key=value]), an
     `iapo train-rm` or `iapo train-scorer` run directory, or a weighted sum (0.7*vader+0.3*RUN)."""
     procedure: str = "bon"
-    """Deployment procedure: bon (best-of-N) or won (worst-of-N)."""
+    """Deployment procedure: bon (best-of-N), won (worst-of-N) or soft_bon (soft best-of-N, --lam)."""
     deploy_n: int = 4
     """N of the deployment procedure (also the N the CTRL transform is tuned for)."""
+    lam: float | None = None
+    """soft_bon's selection temperature on the calibrated reward (required with soft_bon only)."""
     methods: tuple[str, ...] = ("ctrl", "calibrated")
     """Methods to train: ctrl, calibrated, raw, bon-distill."""
     train_prompts: int = 16
@@ -95,8 +97,10 @@ class CompareConfig:
     """Save each trained policy (HF format) under policies/<name> in the run directory."""
 
     def validate(self) -> "CompareConfig":
-        if self.procedure not in ("bon", "won"):
-            raise ValueError(f"procedure must be bon or won (got {self.procedure!r})")
+        if self.procedure not in ("bon", "won", "soft_bon"):
+            raise ValueError(f"procedure must be bon or won, or soft_bon with lam (got {self.procedure!r})")
+        if self.procedure == "soft_bon" and (self.betas or self.sweep_kls):
+            raise ValueError("beta sweeps do not cover soft_bon yet; drop betas / sweep_kls or use bon")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
@@ -141,9 +145,10 @@ class CompareConfig:
         bon, won = METHODS[method]
         fixed = beta is not None
         return CTRLConfig(
-            transform=bon if self.procedure == "bon" else won,
+            transform=won if self.procedure == "won" else bon,  # soft_bon: best-of-N's transforms
             t=(t if t is not None else self.t) if method == "ctrl" else None,
-            procedure=self.procedure, deploy_n=self.deploy_n, beta=beta if fixed else self.beta,
+            procedure=self.procedure, deploy_n=self.deploy_n, lam=self.lam,
+            beta=beta if fixed else self.beta,
             target_kl=None if fixed else self.target_kl, kl_controller_gain=self.kl_controller_gain,
             samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
             steps=self.steps, learning_rate=self.learning_rate,
@@ -160,11 +165,25 @@ def samples_per_call(m: int, prompts: int, max_rows: int = MAX_ROWS_PER_CALL) ->
     return max(d for d in range(1, m + 1) if m % d == 0 and (d * prompts <= max_rows or d == 1))
 
 
+def _procedures(cfg: CompareConfig) -> tuple[str, ...]:
+    return ("sampling", "bon", "won") + (("soft_bon",) if cfg.procedure == "soft_bon" else ())
+
+
+def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig):
+    """bootstrap_win_rate; soft_bon selects on the calibration against the evaluation pool."""
+    from iapo_jax.evaluation.win_rates import bootstrap_win_rate, pool_calibration
+
+    if proc != "soft_bon":
+        return bootstrap_win_rate(policy_scores, pool_scores, proc, n, seed=cfg.seed)
+    selection = (pool_calibration(policy_scores, pool_scores), pool_calibration(pool_scores, pool_scores))
+    return bootstrap_win_rate(policy_scores, pool_scores, proc, n, seed=cfg.seed, lam=cfg.lam,
+                              selection=selection)
+
+
 def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key) -> dict:
     """Win rates of fresh policy samples against the reference pool, and the sample KL."""
     from iapo_jax.decoding.sampler import sample
     from iapo_jax.evaluation.kl import sample_kl
-    from iapo_jax.evaluation.win_rates import bootstrap_win_rate
 
     import jax
 
@@ -186,9 +205,9 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     kl, kl_se = sample_kl(np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks),
                           prompt_ids=np.concatenate(prompt_ids))
     result = {"kl": kl, "kl_se": kl_se, "mean_reward": float(policy_scores.mean()), "win_rates": {}}
-    for proc in ("sampling", "bon", "won"):
+    for proc in _procedures(cfg):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
-            w = bootstrap_win_rate(policy_scores, eval_pool.scores, proc, n, seed=cfg.seed)
+            w = _win_rate(policy_scores, eval_pool.scores, proc, n, cfg)
             result["win_rates"][f"{proc}@{n}"] = w.as_dict()
     return result
 
@@ -205,7 +224,7 @@ def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | No
         return None
     t = (t if t is not None else cfg.t) if method == "ctrl" else None
     try:
-        return float(analyse(cfg.procedure, cfg.deploy_n, transform, kl=kl, t=t).win_rate)
+        return float(analyse(cfg.procedure, cfg.deploy_n, transform, kl=kl, t=t, lam=cfg.lam).win_rate)
     except (ValueError, ArithmeticError):
         return None
 
@@ -242,7 +261,7 @@ def plot_win_rates(cfg: CompareConfig, rows: dict[str, dict], path: Path) -> Non
         ax.errorbar(ns, mid, yerr=err, marker="o", capsize=3, label=f"{name} (KL {r['kl']:.2f})")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"N ({'best' if cfg.procedure == 'bon' else 'worst'}-of-N at inference)")
+    ax.set_xlabel(f"N ({ {'bon': 'best', 'won': 'worst'}.get(cfg.procedure, 'soft best')}-of-N at inference)")
     ax.set_ylabel("win rate vs reference (same procedure)")
     ax.set_title(f"{cfg.reward} reward, {cfg.model}")
     ax.legend(fontsize=8)
@@ -350,12 +369,9 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
 
 def evaluate_reference(eval_pool, cfg: CompareConfig) -> dict:
     """The reference against itself: KL 0 and win rates of exactly one half (a sanity row)."""
-    from iapo_jax.evaluation.win_rates import bootstrap_win_rate
-
     rows = {}
-    for proc in ("sampling", "bon", "won"):
+    for proc in _procedures(cfg):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
-            rows[f"{proc}@{n}"] = bootstrap_win_rate(eval_pool.scores, eval_pool.scores, proc, n,
-                                                     seed=cfg.seed).as_dict()
+            rows[f"{proc}@{n}"] = _win_rate(eval_pool.scores, eval_pool.scores, proc, n, cfg).as_dict()
     return {"kl": 0.0, "kl_se": 0.0, "mean_reward": float(eval_pool.scores.mean()), "win_rates": rows,
             "predicted": None, "t": None}
