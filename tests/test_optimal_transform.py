@@ -91,7 +91,7 @@ def test_bad_input_is_one_clear_error_before_any_solve(call, match):
 @pytest.mark.slow
 def test_ctrl_on_the_optimal_transform_reaches_its_exact_optimum():
     """The real trainer on the tabulated optimum for best-of-4 at KL 0.5 (measured: W 0.8702 vs
-    0.8715, KL 0.498 vs 0.500; 60 s alone on 2 cores)."""
+    0.8715, KL 0.498 vs 0.500; 30-60 s on 2 cores)."""
     from iapo_jax.testbed import exact
     from iapo_jax.testbed import run as testbed_run
     from iapo_jax.testbed.setting import build_setting, spec_for
