@@ -33,6 +33,20 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
     again = _iapo("reproduce", run, "--run-dir", tmp_path / "again", cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
 
+    # Its trained policies and held-out pool feed `iapo eval`: CTRL against calibrated RLHF, paired.
+    assert (run / "policies" / "ctrl" / "config.json").is_file()
+    assert record["fingerprints"]["policy_ctrl"]["role"] == "output"
+    both = _iapo("eval", "--pool", run / "pool_eval", "--policy", run / "policies" / "ctrl",
+                 "--baseline", run / "policies" / "calibrated", "--samples", 8, "--ns", 2,
+                 "--bootstrap", 100, "--run-dir", tmp_path / "eval", cwd=tmp_path)
+    assert both.returncode == 0, both.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "manifest.json").read_text())["metrics"]
+    assert metrics["difference.bon_2"] == pytest.approx(
+        metrics["win_rate.bon_2"] - metrics["baseline.win_rate.bon_2"])
+    whole = _iapo("generate", "--model", run, "--run-dir", tmp_path / "gen", cwd=tmp_path)
+    assert whole.returncode == 2 and "trained policies" in whole.stderr  # which of them: named
+    assert "policies/calibrated" in whole.stderr and "calibrated, ctrl" in whole.stderr
+
 
 @pytest.mark.parametrize(
     "kwargs,match",

@@ -222,11 +222,8 @@ def record_reward(ctx, name: str, spec) -> str:
 
 
 def spec_meta(spec) -> dict[str, Any]:
-    """How a pool names the reward that scored it: {"reward", "reward_options"} (a single
-    packaged reward as before: its name and options; anything else: the canonical spec)."""
-    if spec.is_single_packaged:
-        return {"reward": spec.terms[0].name, "reward_options": spec.terms[0].option_dict}
-    return {"reward": str(spec), "reward_options": {}}
+    """How a pool names the reward that scored it (see RewardSpec.pool_meta)."""
+    return spec.pool_meta()
 
 
 def same_reward(a, b) -> bool:

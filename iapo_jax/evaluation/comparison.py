@@ -289,8 +289,9 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
     from iapo_jax.rewards.spec import build_reward, parse_reward_spec
 
     cfg.validate()
+    spec = parse_reward_spec(cfg.reward)
     if reward is None:  # fails fast when the rewards extra is missing
-        reward = build_reward(parse_reward_spec(cfg.reward))
+        reward = build_reward(spec)
     source = model_source or cfg.model
     train = load_chat_prompts("train", limit=cfg.train_prompts, seed=cfg.seed)
     held_out = load_chat_prompts("eval", limit=cfg.eval_prompts, seed=cfg.seed)
@@ -311,6 +312,12 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                                           key=jax.random.fold_in(key, 2),
                                           per_call=samples_per_call(cfg.eval_samples, len(held_out)),
                                           progress=lambda it: ctx.progress(it, desc="reference eval"))
+        # Named like `iapo calibrate`'s pools, so `iapo eval` and `ctrl --pool-dir` can use them.
+        meta = {"job": ctx.job, "model": source, "dtype": cfg.dtype, **spec.pool_meta(),
+                "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                "seed": cfg.seed, "chat_template": True}
+        pool = dataclasses.replace(pool, meta={**meta, "samples": cfg.pool_size})
+        eval_pool = dataclasses.replace(eval_pool, meta={**meta, "samples": cfg.eval_samples})
         pool.save(ctx.run_dir / "pool_train")
         eval_pool.save(ctx.run_dir / "pool_eval")
         ctx.add_data("pool_train", pool.fingerprint())

@@ -95,6 +95,13 @@ class RewardSpec:
     def describe(self) -> list[dict[str, Any]]:
         return [t.describe() for t in self.terms]
 
+    def pool_meta(self) -> dict[str, Any]:
+        """How a reference pool names the reward that scored it: {"reward", "reward_options"}
+        (a single packaged reward as pools always did: its name and options; else the spec)."""
+        if self.is_single_packaged:
+            return {"reward": self.terms[0].name, "reward_options": self.terms[0].option_dict}
+        return {"reward": str(self), "reward_options": {}}
+
 
 # ----------------------------------------------------------------------------------------------
 # Parsing and checks (no model is loaded)
