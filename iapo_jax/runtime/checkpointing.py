@@ -230,6 +230,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
+        _remove_unfinished_saves(self.directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -444,3 +445,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _remove_unfinished_saves(directory) -> None:
+    """Delete the temporary folders a killed save left behind, before orbax opens the directory.
+
+    orbax also removes them, but in a background thread: two checkpointers opened one after the
+    other on the same directory (a check, then the resume) then delete the same tree at once and
+    one of them fails. Removing them here, synchronously and on process 0 only, leaves orbax none.
+    """
+    import shutil
+
+    path = Path(directory)
+    if jax.process_index() != 0 or not path.is_dir():
+        return
+    for leftover in path.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
