@@ -9,6 +9,11 @@ from iapo_jax.evaluation.comparison import CompareConfig
 
 
 def run(cfg: CompareConfig) -> dict:
+    return run_as("compare", cfg)
+
+
+def run_as(job: str, cfg: CompareConfig) -> dict:
+    """The comparison under a job's name (``iapo quickstart`` is a compare with other defaults)."""
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.job_inputs import (
         JobInputError,
@@ -27,7 +32,7 @@ def run(cfg: CompareConfig) -> dict:
     source = resolve_model_source(cfg.model)
     spec = reward_spec(cfg.reward, policy=source)
     reward = build_reward(spec)
-    with job_context("compare", cfg) as ctx:
+    with job_context(job, cfg) as ctx:
         ctx.fingerprint_model("model", source)
         record_reward(ctx, "reward", spec)
         return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr), reward=reward,

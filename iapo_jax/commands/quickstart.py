@@ -9,7 +9,6 @@ reference, print the table, save a plot and the run record. Sized for a 2-core C
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from iapo_jax.evaluation.comparison import CompareConfig
 
@@ -32,26 +31,6 @@ class QuickstartConfig(CompareConfig):
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        JobInputError,
-        build_reward,
-        record_reward,
-        resolve_model_source,
-        reward_spec,
-    )
-    from iapo_jax.evaluation.comparison import run_comparison
+    from iapo_jax.commands.compare import run_as
 
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise JobInputError(str(err)) from None
-    # Bad models or rewards are one-line errors before anything loads.
-    source = resolve_model_source(cfg.model)
-    spec = reward_spec(cfg.reward, policy=source)
-    reward = build_reward(spec)
-    with job_context("quickstart", cfg) as ctx:
-        ctx.fingerprint_model("model", source)
-        record_reward(ctx, "reward", spec)
-        return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr), reward=reward,
-                              model_source=source)
+    return run_as("quickstart", cfg)
