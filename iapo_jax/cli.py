@@ -263,6 +263,7 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions,
 def _run(name: str, args: list[str]) -> int:
     from iapo_jax.commands import resume as resuming
     from iapo_jax.commands.common import run_job
+    from iapo_jax.commands.configs import recorded_config
     from iapo_jax.commands.option_checks import check_options
     from iapo_jax.parallel.distributed import initialize_distributed
     from iapo_jax.runtime.progress import quiet_progress
@@ -270,7 +271,8 @@ def _run(name: str, args: list[str]) -> int:
     job = load_job(name)
     common, job_args = split_common_options(args, job.module)
     previous = resuming.load_previous(name, common.run_dir) if common.resume else None
-    cfg = _parse_job_config(job, job_args, common, previous and previous["config"])
+    cfg = _parse_job_config(job, job_args, common,
+                            previous and recorded_config(job.module, previous["config"]))
     if getattr(job.module, "RECORDLESS", False):
         check_options(cfg)
         return int(job.run(cfg) or EXIT_OK)

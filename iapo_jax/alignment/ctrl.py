@@ -87,6 +87,21 @@ def unit_range_transform(name: str, t: float | None, eps: float | None = None, t
     return get_transform(name, t, eps if TRANSFORMS[name].clips else None, table=table)
 
 
+def transform_top(phi, eps: float | None = None) -> float:
+    """max Phi(u) over u in [0, 1] (on a fine grid, as 'optimal' need not be monotone): the level
+    the reward floor is measured from."""
+    lo = 0.0 if eps is None else eps
+    u = jnp.linspace(lo, 1.0 - lo, 4097, dtype=jnp.float32)
+    return float(jnp.max(phi(u)))
+
+
+def floored(values, top: float, beta: float, nats: float | None):
+    """Phi floored at top - nats * beta (see CTRLConfig.reward_floor_nats); ``nats`` None: as is."""
+    if nats is None:
+        return values
+    return np.maximum(values, np.asarray(top - nats * beta, np.asarray(values).dtype))
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float,
                    schedule: str = "constant", total_updates: int = 0):
     """AdamW after global-norm clipping; linear warmup, then a constant rate or a cosine decay to 0.
@@ -174,6 +189,7 @@ class CTRLTrainer:
         self.eps = None if pool is None else 1.0 / (2 * pool.num_samples)
         self.phi = None if cfg.transform == "raw" else unit_range_transform(
             cfg.transform, self.t, self.eps, self.table)
+        self.phi_top = None if self.phi is None else transform_top(self.phi, self.eps)
         self.beta = float(cfg.beta)
         self.opts = StepOptions(
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, kl_in_loss=cfg.kl_in_loss,
@@ -230,11 +246,20 @@ class CTRLTrainer:
         return [self._order[i] for i in idx]
 
     def shaped_rewards(self, prompts: Sequence[str], raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores [P, n] -> (calibrated [P, n] or NaN for 'raw', task reward R [P, n])."""
+        """Raw scores [P, n] -> (calibrated [P, n] or NaN for 'raw', task reward R [P, n]).
+
+        R is Phi(u), floored at the current beta's floor (CTRLConfig.reward_floor_nats)."""
         if self.cfg.transform == "raw":
             return np.full_like(raw, np.nan), raw
         u = np.asarray(self.pool.calibrate(list(prompts), raw), np.float32)
-        return u, np.asarray(self.phi(jnp.asarray(u)), np.float32)
+        phi = np.asarray(self.phi(jnp.asarray(u)), np.float32)
+        return u, floored(phi, self.phi_top, self.beta, self.cfg.reward_floor_nats)
+
+    def floor_level(self) -> float | None:
+        """The reward floor at the current beta (None: no floor)."""
+        if self.phi_top is None or self.cfg.reward_floor_nats is None:
+            return None
+        return self.phi_top - self.cfg.reward_floor_nats * self.beta
 
     def train_step(self) -> StepResult:
         cfg, n = self.cfg, self.cfg.samples_per_prompt
@@ -277,6 +302,8 @@ class CTRLTrainer:
         )
         if cfg.transform != "raw":
             metrics["calibrated_reward"] = float(np.mean(calibrated))
+        if self.floor_level() is not None:  # how much of the batch sits on the floor
+            metrics["floored_fraction"] = float(np.mean(task <= self.floor_level()))
         if cfg.target_kl is not None:
             self.beta = float(losses.adaptive_beta(self.beta, kl, cfg.target_kl, cfg.kl_controller_gain))
         self.step += 1

@@ -7,6 +7,9 @@ import sys
 
 from iapo_jax.evaluation.comparison import CompareConfig
 
+# Records written before the reward floor existed trained without one.
+RECORD_DEFAULTS = {"reward_floor_nats": None}
+
 
 def run(cfg: CompareConfig) -> dict:
     return run_as("compare", cfg)

@@ -34,6 +34,13 @@ class MeshFlags:
     """Mesh 'tensor' axis size (heads and MLP width sharded over it)."""
 
 
+def recorded_config(module: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A run record's config, with the values that keys added since imply for records written
+    before them (the job module's ``RECORD_DEFAULTS``): an old run resumes and reproduces with the
+    behaviour it was recorded with, not with a newer default."""
+    return {**getattr(module, "RECORD_DEFAULTS", {}), **dict(recorded or {})}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; ConfigError for a missing file, bad YAML or a non-mapping document."""
     import yaml

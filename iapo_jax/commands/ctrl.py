@@ -19,6 +19,8 @@ RESUMABLE = True
 # With the constant learning rate, more steps continue the same run exactly; a cosine schedule
 # decays over --steps, so there nothing may change (see resume_safe).
 RESUME_SAFE = ("steps",)
+# Records written before the reward floor existed trained without one.
+RECORD_DEFAULTS = {"reward_floor_nats": None}
 
 
 def resume_safe(recorded: dict) -> tuple[str, ...]:

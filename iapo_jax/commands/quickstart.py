@@ -12,6 +12,9 @@ import dataclasses
 
 from iapo_jax.evaluation.comparison import CompareConfig
 
+# Records written before the reward floor existed trained without one.
+RECORD_DEFAULTS = {"reward_floor_nats": None}
+
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartConfig(CompareConfig):

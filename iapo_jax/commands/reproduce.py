@@ -197,7 +197,7 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
     """Rerun ``cfg.source`` into ``run_dir`` (default: a new folder under runs/) and compare."""
     from iapo_jax.commands import UnknownJobError, load_job
     from iapo_jax.commands.common import run_job
-    from iapo_jax.commands.configs import ConfigError, config_from_mapping
+    from iapo_jax.commands.configs import ConfigError, config_from_mapping, recorded_config
     from iapo_jax.runtime.environment import machine_signature
     from iapo_jax.runtime.manifest import load_record
     from iapo_jax.runtime.metrics import read_metrics
@@ -215,7 +215,7 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
         raise NotReproducibleError("a reproduce record has nothing to rerun; pass the original run")
     try:
         job = load_job(old["job"])
-        config = config_from_mapping(job.config_type, old.get("config") or {})
+        config = config_from_mapping(job.config_type, recorded_config(job.module, old.get("config")))
     except (UnknownJobError, ConfigError) as err:
         raise NotReproducibleError(f"cannot rerun {cfg.source}: {err}") from None
 

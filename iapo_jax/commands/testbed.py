@@ -25,6 +25,8 @@ from typing import Literal
 REPRODUCE_IGNORE = ("*seconds",)
 TRANSFORMS = ("identity", "exp", "negexp", "log", "raw")
 OPTION_NAMES = ("rloo", "ppo", "kl_in_loss")
+# Records written before the reward floor existed trained without one.
+RECORD_DEFAULTS = {"reward_floor_nats": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,10 @@ class TestbedConfig:
     """Exponent of the exp / negexp transforms (default: the closed form's best t at each KL)."""
     eval_every: int = 50
     """Steps between exact evaluations (the learning curves)."""
+    reward_floor_nats: float | None = 15.0
+    """The trainer's reward floor, max(Phi) - this * beta (None: none, as ``iapo ctrl
+    --reward-floor-nats None``); the target is the optimum of the floored reward, and each record
+    also gives the unfloored optimum."""
     seed: int = 0
     """Seed of the model weights, prompts, reward table, pool and training."""
     json: Path | None = None
@@ -75,6 +81,9 @@ class TestbedConfig:
             raise ValueError(f"--t must be positive (got {self.t}); or leave it unset for the best t")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive (got {self.learning_rate})")
+        if self.reward_floor_nats is not None and not 0 < self.reward_floor_nats < float("inf"):
+            raise ValueError(f"--reward-floor-nats must be a positive number of nats (got "
+                             f"{self.reward_floor_nats}); try 15, or None for no floor")
         if not self.kls or any(not k > 0 for k in self.kls):
             raise ValueError(f"--kls must be positive KLs in nats (got {self.kls}); e.g. --kls 0.25 0.5 1")
         for what in ("cases", "transforms", "options"):
@@ -106,7 +115,8 @@ def run(cfg: TestbedConfig) -> dict:
     ctx = current_context()
     out_dir = ctx.run_dir if ctx is not None else Path(".")
     base = RunSettings(pool_size=cfg.pool_size, learning_rate=cfg.learning_rate,
-                       lr_schedule=cfg.lr_schedule, eval_every=cfg.eval_every, seed=cfg.seed)
+                       lr_schedule=cfg.lr_schedule, eval_every=cfg.eval_every, seed=cfg.seed,
+                       reward_floor_nats=cfg.reward_floor_nats)
     records, curves = [], []
     bar = progress(total=len(cfg.cases) * len(cfg.transforms) * len(cfg.kls) * len(cfg.options),
                    desc="testbed", unit="run")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
 
 # method -> (transform for best-of-N deployments, transform for worst-of-N deployments)
 METHODS = {
@@ -91,6 +91,9 @@ class CompareConfig:
     """CTRL transform parameter; unset = the analytic tool's best t for (procedure, N, target_kl)."""
     lora_rank: int = 0
     """0 = full fine-tuning; r > 0 = LoRA."""
+    reward_floor_nats: float | None = DEFAULT_REWARD_FLOOR_NATS
+    """Every calibrated method's reward is floored at max(Phi) - this * beta (None: no floor);
+    see CTRLConfig.reward_floor_nats."""
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
     save_policies: bool = True
@@ -153,7 +156,7 @@ class CompareConfig:
             samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
             steps=self.steps, learning_rate=self.learning_rate,
             warmup_steps=self.resolved_warmup_steps, lora_rank=self.lora_rank,
-            max_new_tokens=self.max_new_tokens, seed=self.seed,
+            max_new_tokens=self.max_new_tokens, seed=self.seed, reward_floor_nats=self.reward_floor_nats,
         )
 
 

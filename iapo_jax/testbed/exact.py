@@ -10,6 +10,7 @@ Gauss-Legendre quadrature to ~1e-13, so it is exact for every purpose here.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -120,13 +121,19 @@ def tilted(ref_logp: np.ndarray, phi: np.ndarray, beta: float) -> np.ndarray:
     return normalise_log(ref_logp + phi / beta)
 
 
-def beta_for_kl(ref_logp: np.ndarray, phi: np.ndarray, target_kl: float, tol: float = 1e-10) -> float:
+def beta_for_kl(ref_logp: np.ndarray, phi: np.ndarray, target_kl: float, tol: float = 1e-10,
+                floor: Callable[[np.ndarray, float], np.ndarray] | None = None) -> float:
     """The beta whose optimum has mean KL (over prompts) equal to ``target_kl``: bisection in log beta.
 
-    The optimum's KL falls monotonically as beta grows (from the KL of the argmax to zero).
+    The optimum's KL falls monotonically as beta grows (from the KL of the argmax to zero). With
+    ``floor(phi, beta)`` (a reward floor that moves with beta, as the trainer's does) the optimum
+    is that of the floored reward; its log-weights (phi - top) / beta, floored at -nats, still
+    fall as beta shrinks, so the KL stays monotone.
     """
     def kl_at(log_beta):
-        return float(np.mean(kl_per_prompt(tilted(ref_logp, phi, np.exp(log_beta)), ref_logp)))
+        beta = np.exp(log_beta)
+        shaped = phi if floor is None else floor(phi, beta)
+        return float(np.mean(kl_per_prompt(tilted(ref_logp, shaped, beta), ref_logp)))
 
     spread = float(np.max(phi) - np.min(phi))
     if not spread > 0:

@@ -17,14 +17,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _floor(record: dict) -> str:
+    """The reward floor in nats; '–' for none (records from before the floor have no key)."""
+    nats = record.get("reward_floor_nats")
+    return "–" if nats is None else f"{nats:g} nats"
+
+
 def markdown_table(records: Sequence[dict]) -> str:
     """One row per run: the measured point, the optimum, the closed form, and the target verdict."""
-    head = ["case", "transform", "option", "deployed as", "target KL", "beta", "t", "steps", "KL",
+    head = ["case", "transform", "option", "deployed as", "target KL", "beta", "t", "floor", "steps", "KL",
             "KL opt", "KL err", "W", "W opt", "W err", "closed form W at KL", "s", "target met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         row = [r["case"], r["transform"], r["option"], procedure_name(r["procedure"], r["n"]),
-               _fmt(r["target_kl"]), _fmt(r["beta"]), _fmt(r["t"]), str(r["steps"]), f"{r['kl']:.4f}",
+               _fmt(r["target_kl"]), _fmt(r["beta"]), _fmt(r["t"]), _floor(r), str(r["steps"]), f"{r['kl']:.4f}",
                f"{r['optimum_kl']:.4f}", f"{100 * r['kl_relative_error']:+.1f}%", f"{r['win_rate']:.4f}",
                f"{r['optimum_win_rate']:.4f}", f"{r['win_rate_error']:+.4f}",
                _fmt(r["closed_form_win_rate_at_kl"]), f"{r['seconds']:.0f}",

@@ -18,8 +18,15 @@ from typing import Callable
 
 import numpy as np
 
-from iapo_jax.alignment.ctrl import CTRLTrainer, resolve_table, resolve_t, unit_range_transform
-from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.alignment.ctrl import (
+    CTRLTrainer,
+    floored,
+    resolve_t,
+    resolve_table,
+    transform_top,
+    unit_range_transform,
+)
+from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
 from iapo_jax.rewards.pools import sample_reference_pool
 from iapo_jax.testbed import exact
 from iapo_jax.testbed.setting import ExactSetting
@@ -51,6 +58,7 @@ class RunSettings:
     lr_schedule: str = "constant"
     eval_every: int = 50
     seed: int = 0
+    reward_floor_nats: float | None = DEFAULT_REWARD_FLOOR_NATS
 
 
 # negexp needs 4x the rollouts and 2x the steps (measured: with 64 samples per prompt the sampled
@@ -85,13 +93,23 @@ def reference_pool(setting: ExactSetting, m: int, seed: int):
 
 
 def trainer_phi(setting: ExactSetting, transform: str, t: float | None, pool, optimal=None) -> np.ndarray:
-    """The trainer's reward Phi(C_hat(x, y)) (or the raw reward) for every response: [P, Y]."""
+    """The trainer's reward Phi(C_hat(x, y)) (or the raw reward) for every response, before the
+    floor: [P, Y]."""
     table = setting.reward_table
     if transform == "raw":
         return table.astype(np.float64)
     u = pool.calibrate(list(setting.prompts), table)
     phi = unit_range_transform(transform, t, 1.0 / (2 * pool.num_samples), optimal)
     return np.asarray(phi(u), np.float64)
+
+
+def trainer_floor(transform: str, t: float | None, pool, optimal, nats: float | None):
+    """``floor(phi, beta)``: the trainer's reward floor at a given beta (None: raw, or no floor)."""
+    if transform == "raw" or nats is None:
+        return None
+    eps = 1.0 / (2 * pool.num_samples)
+    top = transform_top(unit_range_transform(transform, t, eps, optimal), eps)
+    return lambda phi, beta: floored(phi, top, beta, nats)
 
 
 def closed_form_at(transform: str, procedure: str, n: int, t: float | None, kl: float,
@@ -138,6 +156,8 @@ class Case:
     pool: object
     lam: float | None = None  # soft_bon's selection temperature
     optimal: object = None  # the optimal transform's table
+    unfloored_phi: np.ndarray | None = None  # phi before the trainer's reward floor
+    floor: Callable | None = None  # floor(phi, beta), the trainer's reward floor (None: none)
 
 
 def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
@@ -157,15 +177,18 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
                        t=t if transform in ("exp", "negexp") else None, lam=lam, optimal_kl=optimal_kl)
     t = resolve_t(probe)  # given, or the closed form's best t for (procedure, N) at the target KL
     optimal = resolve_table(probe)  # the closed form's exact optimum at the target KL, tabulated
-    phi = trainer_phi(setting, transform, t, pool, optimal)
-    beta = exact.beta_for_kl(ref_logp, phi, target_kl)
+    unfloored = trainer_phi(setting, transform, t, pool, optimal)
+    floor = trainer_floor(transform, t, pool, optimal, run.reward_floor_nats)
+    beta = exact.beta_for_kl(ref_logp, unfloored, target_kl, floor=floor)
+    phi = unfloored if floor is None else floor(unfloored, beta)
     spec = setting.spec
     cfg = CTRLConfig(
         transform=transform, t=t, procedure=procedure, deploy_n=n, beta=beta, lam=lam,
         optimal_kl=optimal_kl,
         samples_per_prompt=run.samples_per_prompt, prompts_per_step=spec.num_prompts, steps=run.steps,
         learning_rate=run.learning_rate, warmup_steps=run.warmup_steps, lr_schedule=run.lr_schedule,
-        max_new_tokens=spec.response_len, seed=run.seed, **OPTIONS[option],
+        max_new_tokens=spec.response_len, seed=run.seed, reward_floor_nats=run.reward_floor_nats,
+        **OPTIONS[option],
     )
     trainer = CTRLTrainer(cfg, setting.new_policy(), setting.reference, setting.tokenizer, setting.reward,
                           None if transform == "raw" else pool, list(setting.prompts))
@@ -174,7 +197,7 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
     if not np.allclose(shaped, phi, rtol=1e-5, atol=1e-6):
         raise AssertionError("the trainer's transformed reward differs from the testbed's")
     return Case(trainer, name, option, procedure, n, target_kl, t, beta, phi, ref_logp,
-                exact.tilted(ref_logp, phi, beta), pool, lam, optimal)
+                exact.tilted(ref_logp, phi, beta), pool, lam, optimal, unfloored, floor)
 
 
 def run_case(setting: ExactSetting, transform: str, target_kl: float, option: str,
@@ -215,8 +238,12 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
     # The exact-calibration optimum: what the same transform reaches when C is known exactly.
     exact_phi = phi if transform == "raw" else np.asarray(
         unit_range_transform(phi_name, t, 1.0 / (2 * pool.num_samples), case.optimal)(exact_u), np.float64)
-    exact_opt = evaluate(exact.tilted(ref_logp, exact_phi, exact.beta_for_kl(ref_logp, exact_phi, target_kl)),
-                         ref_logp, table, procedure, n, lam)
+    exact_beta = exact.beta_for_kl(ref_logp, exact_phi, target_kl, floor=case.floor)
+    if case.floor is not None:
+        exact_phi = case.floor(exact_phi, exact_beta)
+    exact_opt = evaluate(exact.tilted(ref_logp, exact_phi, exact_beta), ref_logp, table, procedure, n, lam)
+    # The optimum without the floor, at the same beta: what the floor changes (e^-nats at most).
+    unfloored_opt = evaluate(exact.tilted(ref_logp, case.unfloored_phi, beta), ref_logp, table, procedure, n, lam)
     record = {
         "case": spec.case, "transform": transform, "option": option, "procedure": procedure, "n": n,
         "target_kl": target_kl, "beta": beta, "t": t, "lam": lam, "steps": run.steps,
@@ -227,6 +254,8 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
         "standard_win_rate": final["standard_win_rate"], "bon4_win_rate": final["bon4_win_rate"],
         "won4_win_rate": final["won4_win_rate"],
         "optimum_kl": optimum["kl"], "optimum_win_rate": optimum["win_rate"],
+        "reward_floor_nats": run.reward_floor_nats if case.floor is not None else None,
+        "unfloored_optimum_kl": unfloored_opt["kl"], "unfloored_optimum_win_rate": unfloored_opt["win_rate"],
         "kl_to_optimum": curve[-1]["kl_to_optimum"],
         "exact_calibration_optimum_win_rate": exact_opt["win_rate"],
         "closed_form_win_rate_at_kl": closed_form_at(phi_name, procedure, n, t, final["kl"], lam),
