@@ -46,7 +46,8 @@ class TestbedConfig:
     options: tuple[Literal["rloo", "ppo", "kl_in_loss"], ...] = OPTION_NAMES
     """Optimiser options: RLOO with KL in the reward, PPO-clip (2 epochs), RLOO with KL in the loss."""
     steps: int | None = None
-    """RL steps per run (default: 400; 600 for the sequence case; 800 for negexp)."""
+    """RL steps per run (default: 400; 600 for the sequence case; 800 for negexp, 1,600 for
+    negexp in the sequence case)."""
     samples_per_prompt: int | None = None
     """Rollouts per prompt per step, 4 prompts per step (default: 64; 256 for negexp and the
     sequence case)."""
