@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from iapo_jax.alignment.ctrl import CTRLTrainer, floored, transform_top, unit_range_transform
+from iapo_jax.alignment.ctrl import CTRLTrainer, floored, reward_floor, transform_top, unit_range_transform
 from iapo_jax.alignment.ctrl_config import CTRLConfig
 from iapo_jax.testbed import exact
 from iapo_jax.testbed import run as testbed_run
@@ -26,8 +26,10 @@ def test_floor_is_the_top_of_phi_minus_nats_times_beta():
     assert transform_top(unit_range_transform("negexp", 16.0)) == pytest.approx(1.0, abs=1e-6)
     assert transform_top(unit_range_transform("log", None, 0.01), 0.01) == pytest.approx(np.log(0.99), abs=1e-6)
     phi = np.array([0.0, 0.5, 0.99, 1.0], np.float32)
-    np.testing.assert_allclose(floored(phi, 1.0, 0.02, 15.0), [0.7, 0.7, 0.99, 1.0], rtol=1e-6)
-    assert floored(phi, 1.0, 0.02, None) is phi
+    assert reward_floor(1.0, 0.02, 15.0) == pytest.approx(0.7)
+    assert reward_floor(1.0, 0.02, None) is None and reward_floor(None, 0.02, 15.0) is None  # no floor; raw
+    np.testing.assert_allclose(floored(phi, reward_floor(1.0, 0.02, 15.0)), [0.7, 0.7, 0.99, 1.0], rtol=1e-6)
+    assert floored(phi, None) is phi
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True])

@@ -95,11 +95,18 @@ def transform_top(phi, eps: float | None = None) -> float:
     return float(jnp.max(phi(u)))
 
 
-def floored(values, top: float, beta: float, nats: float | None):
-    """Phi floored at top - nats * beta (see CTRLConfig.reward_floor_nats); ``nats`` None: as is."""
-    if nats is None:
+def reward_floor(top: float | None, beta: float, nats: float | None) -> float | None:
+    """The floor top - nats * beta (see CTRLConfig.reward_floor_nats); None without a floor."""
+    if top is None or nats is None:
+        return None
+    return top - nats * beta
+
+
+def floored(values, level: float | None):
+    """``values`` raised to the floor ``level`` (None: as they are)."""
+    if level is None:
         return values
-    return np.maximum(values, np.asarray(top - nats * beta, np.asarray(values).dtype))
+    return np.maximum(values, np.asarray(level, np.asarray(values).dtype))
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float,
@@ -252,14 +259,11 @@ class CTRLTrainer:
         if self.cfg.transform == "raw":
             return np.full_like(raw, np.nan), raw
         u = np.asarray(self.pool.calibrate(list(prompts), raw), np.float32)
-        phi = np.asarray(self.phi(jnp.asarray(u)), np.float32)
-        return u, floored(phi, self.phi_top, self.beta, self.cfg.reward_floor_nats)
+        return u, floored(np.asarray(self.phi(jnp.asarray(u)), np.float32), self.floor_level())
 
     def floor_level(self) -> float | None:
         """The reward floor at the current beta (None: no floor)."""
-        if self.phi_top is None or self.cfg.reward_floor_nats is None:
-            return None
-        return self.phi_top - self.cfg.reward_floor_nats * self.beta
+        return reward_floor(self.phi_top, self.beta, self.cfg.reward_floor_nats)
 
     def train_step(self) -> StepResult:
         cfg, n = self.cfg, self.cfg.samples_per_prompt
@@ -302,8 +306,9 @@ class CTRLTrainer:
         )
         if cfg.transform != "raw":
             metrics["calibrated_reward"] = float(np.mean(calibrated))
-        if self.floor_level() is not None:  # how much of the batch sits on the floor
-            metrics["floored_fraction"] = float(np.mean(task <= self.floor_level()))
+        level = self.floor_level()
+        if level is not None:  # how much of the batch sits on the floor
+            metrics["floored_fraction"] = float(np.mean(task <= level))
         if cfg.target_kl is not None:
             self.beta = float(losses.adaptive_beta(self.beta, kl, cfg.target_kl, cfg.kl_controller_gain))
         self.step += 1

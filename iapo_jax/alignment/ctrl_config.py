@@ -14,6 +14,16 @@ LR_SCHEDULES = ("constant", "cosine")
 # 15 nats: floored responses keep under 3e-7 of the top's weight in the optimum, which moves its
 # KL and win rates by less than 1e-4 on the exact testbed, and -exp at KL 1 converges.
 DEFAULT_REWARD_FLOOR_NATS = 15.0
+# What a run record written before the reward floor existed implies: it trained without one.
+RECORDED_WITHOUT_FLOOR = {"reward_floor_nats": None}
+
+
+def check_reward_floor_nats(value, name: str = "reward_floor_nats") -> None:
+    """A floor is None or a positive, finite number of nats."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive number of nats (got {value!r}); "
+                         f"try {DEFAULT_REWARD_FLOOR_NATS:g} (the default), or None for no floor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +143,7 @@ class CTRLConfig:
         if self.clip_eps is not None and not self.clip_eps > 0:
             raise ValueError(f"clip_eps must be positive (got {self.clip_eps}); PPO clips the ratio "
                              "to [1 - eps, 1 + eps], try 0.2, or leave it unset for REINFORCE")
-        floor = self.reward_floor_nats
-        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
-                                  or not math.isfinite(floor) or floor <= 0):
-            raise ValueError(f"reward_floor_nats must be a positive number of nats (got {floor!r}); "
-                             f"try {DEFAULT_REWARD_FLOOR_NATS:g} (the default), or None for no floor")
+        check_reward_floor_nats(self.reward_floor_nats)
         if not self.kl_controller_gain >= 0:
             raise ValueError(f"kl_controller_gain must be >= 0 (got {self.kl_controller_gain})")
         if self.lora_rank > 0 and not self.lora_alpha > 0:

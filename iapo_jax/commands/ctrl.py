@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR, CTRLConfig
 from iapo_jax.commands.configs import MeshFlags
 from iapo_jax.commands.job_inputs import JobInputError, resolve_model_source
 
@@ -19,8 +19,7 @@ RESUMABLE = True
 # With the constant learning rate, more steps continue the same run exactly; a cosine schedule
 # decays over --steps, so there nothing may change (see resume_safe).
 RESUME_SAFE = ("steps",)
-# Records written before the reward floor existed trained without one.
-RECORD_DEFAULTS = {"reward_floor_nats": None}
+RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 def resume_safe(recorded: dict) -> tuple[str, ...]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
 from iapo_jax.evaluation.comparison import CompareConfig
 
-# Records written before the reward floor existed trained without one.
-RECORD_DEFAULTS = {"reward_floor_nats": None}
+RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 @dataclasses.dataclass(frozen=True)

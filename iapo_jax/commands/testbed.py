@@ -22,11 +22,16 @@ import json as json_lib
 from pathlib import Path
 from typing import Literal
 
+from iapo_jax.alignment.ctrl_config import (
+    DEFAULT_REWARD_FLOOR_NATS,
+    RECORDED_WITHOUT_FLOOR,
+    check_reward_floor_nats,
+)
+
 REPRODUCE_IGNORE = ("*seconds",)
 TRANSFORMS = ("identity", "exp", "negexp", "log", "raw")
 OPTION_NAMES = ("rloo", "ppo", "kl_in_loss")
-# Records written before the reward floor existed trained without one.
-RECORD_DEFAULTS = {"reward_floor_nats": None}
+RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +66,7 @@ class TestbedConfig:
     """Exponent of the exp / negexp transforms (default: the closed form's best t at each KL)."""
     eval_every: int = 50
     """Steps between exact evaluations (the learning curves)."""
-    reward_floor_nats: float | None = 15.0
+    reward_floor_nats: float | None = DEFAULT_REWARD_FLOOR_NATS
     """The trainer's reward floor, max(Phi) - this * beta (None: none, as ``iapo ctrl
     --reward-floor-nats None``); the target is the optimum of the floored reward, and each record
     also gives the unfloored optimum."""
@@ -82,9 +87,7 @@ class TestbedConfig:
             raise ValueError(f"--t must be positive (got {self.t}); or leave it unset for the best t")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive (got {self.learning_rate})")
-        if self.reward_floor_nats is not None and not 0 < self.reward_floor_nats < float("inf"):
-            raise ValueError(f"--reward-floor-nats must be a positive number of nats (got "
-                             f"{self.reward_floor_nats}); try 15, or None for no floor")
+        check_reward_floor_nats(self.reward_floor_nats, "--reward-floor-nats")
         if not self.kls or any(not k > 0 for k in self.kls):
             raise ValueError(f"--kls must be positive KLs in nats (got {self.kls}); e.g. --kls 0.25 0.5 1")
         for what in ("cases", "transforms", "options"):

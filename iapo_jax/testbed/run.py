@@ -21,6 +21,7 @@ import numpy as np
 from iapo_jax.alignment.ctrl import (
     CTRLTrainer,
     floored,
+    reward_floor,
     resolve_t,
     resolve_table,
     transform_top,
@@ -110,7 +111,7 @@ def trainer_floor(transform: str, t: float | None, pool, optimal, nats: float | 
         return None
     eps = 1.0 / (2 * pool.num_samples)
     top = transform_top(unit_range_transform(transform, t, eps, optimal), eps)
-    return lambda phi, beta: floored(phi, top, beta, nats)
+    return lambda phi, beta: floored(phi, reward_floor(top, beta, nats))
 
 
 def closed_form_at(transform: str, procedure: str, n: int, t: float | None, kl: float,
