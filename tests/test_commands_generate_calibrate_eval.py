@@ -196,6 +196,27 @@ def test_generate_soft_best_of_n(capsys, calibrated, tiny_chat_llama_dir, prompt
     assert code == 2 and "lam" in err and not (tmp_path / "bad").exists(), err
 
 
+def test_generate_pruned_best_of_n(capsys, calibrated, tiny_chat_llama_dir, prompts_file, tmp_path):
+    """pruned-bon's survivors are best-of-4's own candidates (same seed and shapes as the pool),
+    pruned by the reward on the partial text; a schedule past the length is refused before loading."""
+    pool = ReferencePool.load(calibrated / "pool")
+    base = ["generate", "--model", tiny_chat_llama_dir, "--prompts-file", prompts_file, "--n", "4",
+            "--reward", "length", *SHAPES, "--mode", "pruned-bon"]
+    code, _, err = run_cli(capsys, *base, "--prune", "2:2", "--run-dir", tmp_path / "pruned")
+    assert code == 0, err
+    for r in read_jsonl(tmp_path / "pruned" / "samples.jsonl"):
+        scores = pool.scores[r["prompt_index"]].tolist()
+        assert len(r["candidate_scores"]) == 2 and set(r["candidate_scores"]) <= set(scores)
+        assert r["reward"] == max(r["candidate_scores"]) and len(r["surviving_branches"]) == 2
+    metrics = load_record(tmp_path / "pruned")["metrics"]
+    assert metrics["kl_bound"] == pytest.approx(np.log(4)) and metrics["generated_tokens"] > 0
+    for flags, message in ((["--prune", "99:2"], "not before the response length"),
+                           (["--prune", "2:0"], "at least 1 branch"),
+                           (["--mode", "bon", "--prune", "2:2"], "--prune is used by --mode pruned-bon")):
+        code, _, err = run_cli(capsys, *base, *flags, "--run-dir", tmp_path / "bad")
+        assert code == 2 and message in err and not (tmp_path / "bad").exists(), err
+
+
 def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated, other_policy_dir, tmp_path):
     """soft_bon rows are the unbiased estimator on the samples, selecting on C_hat; a bad --lam
     is refused in one line before anything loads."""

@@ -5,6 +5,7 @@ token-level controlled decoding, and write them to ``samples.jsonl`` in the run 
     iapo generate --mode bon --n 8 --reward vader
     iapo generate --mode blockwise --n 4 --block-size 8 --scorer runs/train-scorer-...   (or a reward)
     iapo generate --mode token-cd --scorer runs/train-scorer-... --lam 2 --cd-top-k 10
+    iapo generate --mode pruned-bon --n 16 --prune 8:4 --reward vader --scorer runs/train-scorer-...
     iapo generate --mode blockwise --scorer 0.7*runs/train-scorer-...+0.3*vader   (multi-objective)
     iapo generate --model runs/ctrl-...                (the policy a ctrl run trained)
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from iapo_jax.commands.job_inputs import JobInputError
 
-MODES = ("plain", "bon", "won", "soft-bon", "blockwise", "token-cd")
+MODES = ("plain", "bon", "won", "soft-bon", "pruned-bon", "blockwise", "token-cd")
 REPRODUCE_IGNORE = ("*per_s",)
 
 
@@ -47,9 +48,10 @@ class GenerateConfig:
     """How many prompts (default: all of the file, or 16 chat questions)."""
     prompt_seed: int = 0
     """Shuffle seed of the packaged chat questions."""
-    mode: Literal["plain", "bon", "won", "soft-bon", "blockwise", "token-cd"] = "plain"
+    mode: Literal["plain", "bon", "won", "soft-bon", "pruned-bon", "blockwise", "token-cd"] = "plain"
     """plain sampling; bon/won: best/worst of --n by --reward; soft-bon: of --n, response i with
-    probability softmax(reward / --lam)_i; blockwise: K = --n candidate blocks
+    probability softmax(reward / --lam)_i; pruned-bon: best of --n by --reward, branches pruned
+    early by --prune on --scorer (default: the reward on the partial text); blockwise: K = --n candidate blocks
     of --block-size tokens ranked by --scorer; token-cd: tilt the top --cd-top-k tokens by
     exp(--lam * value) of a trained --scorer."""
     n: int = 1
@@ -81,6 +83,9 @@ class GenerateConfig:
     temperature, in the reward's units (> 0)."""
     cd_top_k: int = 10
     """Token-level CD: candidate tokens per step."""
+    prune: str = "none"
+    """pruned-bon: TOKENS:KEEP checkpoints, e.g. 8:8,16:4 keeps the 8 best of --n branches by
+    --scorer after 8 tokens and the 4 best of those after 16."""
     batch_prompts: int = 8
     """Prompts per compiled decoding call."""
     data: int = -1
@@ -100,7 +105,16 @@ def check_config(cfg: GenerateConfig) -> None:
             check_lam(cfg.lam, worst=False)
         except ValueError as err:
             raise JobInputError(f"--mode soft-bon: {err} (--lam)") from None
-    if cfg.mode in ("bon", "won", "soft-bon") and not cfg.reward:
+    if cfg.mode == "pruned-bon":
+        from iapo_jax.decoding.pruned_best_of_n import PruneSchedule
+
+        try:
+            PruneSchedule.parse(cfg.prune).check(cfg.n, cfg.max_new_tokens)
+        except ValueError as err:
+            raise JobInputError(f"--prune: {err}") from None
+    elif cfg.prune != "none":
+        raise JobInputError(f"--prune is used by --mode pruned-bon, not {cfg.mode}; drop it or change --mode")
+    if cfg.mode in ("bon", "won", "soft-bon", "pruned-bon") and not cfg.reward:
         raise JobInputError(f"--mode {cfg.mode} ranks the {cfg.n} samples by a reward; pass --reward "
                             "NAME (e.g. --reward vader)")
     if cfg.mode in ("blockwise", "token-cd") and not cfg.scorer:
@@ -115,7 +129,7 @@ def check_config(cfg: GenerateConfig) -> None:
             raise JobInputError("--mode token-cd draws from its own top --cd-top-k tokens; leave "
                                 "--top-k and --top-p at their defaults")
     if cfg.scorer and cfg.mode in ("plain", "bon", "won", "soft-bon"):
-        raise JobInputError(f"--scorer is used by --mode blockwise and token-cd, not {cfg.mode}; "
+        raise JobInputError(f"--scorer is used by --mode blockwise, token-cd and pruned-bon, not {cfg.mode}; "
                             "drop it or change --mode")
     if cfg.reward_options and not cfg.reward:
         raise JobInputError("--reward-options given without --reward")
@@ -139,6 +153,7 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
 
     from iapo_jax.decoding.best_of_n import best_of_n
     from iapo_jax.decoding.blockwise import blockwise_cd
+    from iapo_jax.decoding.pruned_best_of_n import pruned_best_of_n
     from iapo_jax.decoding.sampler import sample
     from iapo_jax.decoding.token_cd import token_cd
 
@@ -159,6 +174,14 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
             return {"tokens": np.asarray(out.best_tokens)[:, None],
                     "lengths": np.asarray(out.best_lengths)[:, None],
                     "candidate_scores": np.asarray(out.scores), "chosen": np.asarray(out.chosen)}
+        if cfg.mode == "pruned-bon":
+            out = pruned_best_of_n(model, prompts, reward, scorer if scorer is not None else reward,
+                                   n=cfg.n, schedule=cfg.prune, key=k, **filters, **common)
+            return {"tokens": np.asarray(out.best_tokens)[:, None],
+                    "lengths": np.asarray(out.best_lengths)[:, None],
+                    "candidate_scores": np.asarray(out.scores), "chosen": np.asarray(out.chosen),
+                    "branch": np.asarray(out.branch),
+                    "generated_tokens": np.asarray(out.generated_tokens)}
         if cfg.mode == "blockwise":
             out = blockwise_cd(model, prompts, scorer, k=cfg.n, block_size=cfg.block_size, key=k,
                                **filters, **common)
@@ -235,6 +258,9 @@ def run(cfg: GenerateConfig) -> dict:
             if "candidate_scores" in out:
                 item["candidate_scores"] = out["candidate_scores"][i].tolist()
                 item["chosen"] = int(out["chosen"][i])
+            if "branch" in out:  # pruned-bon: the survivors' branch indices among the N
+                item["surviving_branches"] = out["branch"][i].tolist()
+                item["generated_tokens"] = int(out["generated_tokens"][i])
             if "scorer_value" in out:
                 item["scorer_value"] = float(out["scorer_value"][i])
                 item["kl_bound"] = float(out["kl_bound"][i])
@@ -248,6 +274,11 @@ def run(cfg: GenerateConfig) -> dict:
         if rewards is not None:
             metrics["mean_reward"] = float(rewards.mean())
             metrics["reward_std"] = float(rewards.std())
+        if cfg.mode == "pruned-bon":  # the served response is one of N draws, so KL <= log N
+            metrics["kl_bound"] = float(math.log(cfg.n))
+            metrics["mean_selected_score"] = float(
+                np.take_along_axis(out["candidate_scores"], out["chosen"][:, None], 1).mean())
+            metrics["generated_tokens"] = int(out["generated_tokens"].sum())
         if cfg.mode in ("bon", "won", "soft-bon"):  # soft: one of N draws, so KL <= log N
             metrics["kl_bound"] = float(math.log(cfg.n) if cfg.mode == "soft-bon" else best_of_k_kl_bound(cfg.n))
             metrics["mean_selected_score"] = float(
