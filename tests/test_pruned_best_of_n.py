@@ -126,15 +126,28 @@ def test_python_prefix_scorer_on_partial_text_equals_jax_path(llama):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-def test_value_model_prefix_scorer(llama):
+def test_value_model_prefix_scorer_on_its_cache_equals_a_fresh_forward(llama):
+    """A value model reads only the new columns at each checkpoint (its prompt prefilled once per
+    prompt); its values must equal the value model run from scratch on prompt + prefix."""
+    from iapo_jax.decoding.scorers import as_scorer_set, final_scores
     from iapo_jax.models.heads import ValueModel
 
     value = ValueModel.from_policy(llama, nnx.Rngs(0), head_init_std=1.0)
-    out = pruned_best_of_n(llama, PROMPTS, REWARD, value, n=4, schedule="4:2", max_new_tokens=8, key=1)
-    pre = np.asarray(out.prefix_scores[0])
-    assert pre.shape == (3, 4) and np.all(np.isfinite(pre)) and np.ptp(pre) > 0
-    for b in range(3):
-        np.testing.assert_array_equal(np.asarray(out.branch)[b], np.sort(np.argsort(-pre[b], kind="stable")[:2]))
+    full = best_of_n(llama, PROMPTS, REWARD, n=4, max_new_tokens=8, key=1)
+    out = pruned_best_of_n(llama, PROMPTS, REWARD, value, n=4, schedule="2:3,5:2", max_new_tokens=8, key=1)
+    sset = as_scorer_set(value)
+    full_tokens, full_len = np.asarray(full.tokens), np.asarray(full.lengths)
+    alive = [np.arange(4)] * 3
+    for cols, keep, logged in zip((2, 5), (3, 2), out.prefix_scores):
+        for b, prompt in enumerate(PROMPTS):
+            rows = alive[b]
+            n = len(rows)
+            ids = jnp.asarray([prompt] * n, jnp.int32)
+            fresh = final_scores(sset.kinds, sset.states, ids, jnp.ones_like(ids, bool),
+                                 jnp.asarray(full_tokens[b, rows, :cols]), jnp.minimum(full_len[b, rows], cols))[0]
+            np.testing.assert_allclose(np.asarray(logged)[b], fresh, atol=1e-4)
+            alive[b] = np.sort(rows[np.argsort(-np.asarray(logged)[b], kind="stable")[:keep]])
+    np.testing.assert_array_equal(out.branch, np.stack(alive))
 
 
 @pytest.mark.slow

@@ -25,12 +25,19 @@ import numpy as np
 from flax import nnx, struct
 
 from iapo_jax.decoding.best_of_n import select
+from iapo_jax.decoding.blockwise import start_states_jit
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
 from iapo_jax.decoding.filters import DEFAULT_CAP, sample_next
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.loop import DecodeRules, DecodeState, decode
 from iapo_jax.decoding.sampler import decode_texts, split_model, start_jit, trim
-from iapo_jax.decoding.scorers import as_scorer_set, final_scores, host_scores, host_weights
+from iapo_jax.decoding.scorers import (
+    as_scorer_set,
+    block_scores,
+    final_scores,
+    host_scores,
+    host_weights,
+)
 from iapo_jax.decoding.sharding import constrain_rows
 
 
@@ -146,17 +153,27 @@ def branch_decode_jit(graphdef, state, dstate, rules: DecodeRules, until, *, ful
     return decode(model, dstate, rules, until, branch_choice(full_rows, cap))
 
 
-@functools.partial(jax.jit, static_argnames=("kinds", "n", "cols"))
-def prefix_scores_jit(kinds, sstates, ids, mask, tokens, lengths, *, n: int, cols: int):
-    """Each JAX scorer on prompt + the first `cols` response columns -> [num_jax, rows]."""
-    return final_scores(kinds, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0),
-                        tokens[:, :cols], lengths)
+@functools.partial(jax.jit, static_argnames=("kinds", "n", "width"), donate_argnames=("sstates",))
+def prefix_scores_jit(kinds, states, sstates, ids, mask, tokens, lengths, start, *, n: int, width: int):
+    """Each JAX prefix scorer on every row's response so far -> ([num_jax, rows], sstates).
+
+    Value models keep their own KV cache (the prompt prefilled once per prompt), so a checkpoint
+    feeds them only the `width` columns decoded since the previous one.
+    """
+    return block_scores(kinds, states, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens,
+                        lengths, start, width)
+
+
+@functools.partial(jax.jit, static_argnames=("kinds", "n"))
+def final_scores_jit(kinds, states, ids, mask, tokens, lengths, *, n: int):
+    return final_scores(kinds, states, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "mesh", "data_axis"))
-def compact_jit(ds: DecodeState, rules: DecodeRules, scores, *, keep: int, mesh=None,
+def compact_jit(ds: DecodeState, rules: DecodeRules, sstates, scores, *, keep: int, mesh=None,
                 data_axis: str = "data"):
-    """Keep each prompt's `keep` highest-scoring rows (in branch order) and drop the rest."""
+    """Keep each prompt's `keep` highest-scoring rows (in branch order) and drop the rest, in the
+    decoding state, its rules and the prefix scorers' caches."""
     alive = scores.shape[1]
     _, idx = jax.lax.top_k(scores, keep)
     idx = jnp.sort(idx, axis=1)
@@ -168,17 +185,18 @@ def compact_jit(ds: DecodeState, rules: DecodeRules, scores, *, keep: int, mesh=
                     lengths=rows(ds.lengths), finished=rows(ds.finished), aux=rows(ds.aux))
     rules = rules.replace(params=jax.tree.map(rows, rules.params), stop_ids=rows(rules.stop_ids),
                           max_new=rows(rules.max_new))
-    return constrain_rows(ds, mesh, data_axis), constrain_rows(rules, mesh, data_axis), idx
+    sstates = tuple(None if ss is None else (ss[0].take(src), rows(ss[1])) for ss in sstates)
+    return (constrain_rows(ds, mesh, data_axis), constrain_rows(rules, mesh, data_axis),
+            constrain_rows(sstates, mesh, data_axis), idx)
 
 
-def _weighted_scores(sset, batch, ds, alive: int, cols: int, tokenizer) -> np.ndarray:
-    """The scorers' weighted sum on every row's response so far (first `cols` columns) -> [rows]."""
+def _weighted_total(sset, batch, ds, parts, alive: int, tokenizer) -> np.ndarray:
+    """sum_i weight_i * score_i over the JAX parts [num_jax, rows] and the host scorers -> [rows]."""
     rows = ds.lengths.shape[0]
     real = batch.real_rows * alive
     total = np.zeros((rows,), np.float64)
     if sset.has_jax:
-        parts = np.asarray(prefix_scores_jit(sset.kinds, sset.states, batch.ids, batch.mask, ds.tokens,
-                                             ds.lengths, n=alive, cols=cols))
+        parts = np.asarray(parts)
         if not np.all(np.isfinite(parts[:, :real])):
             bad = [sset.names[i] for i in range(parts.shape[0]) if not np.all(np.isfinite(parts[i, :real]))]
             raise ValueError(f"scorer(s) {bad} gave NaN/inf scores; fix the scorer so every score is finite.")
@@ -216,8 +234,8 @@ def pruned_best_of_n(
     """Best-of-N (worst-of-N with worst=True) whose branches are pruned early by a prefix scorer.
 
     reward: the final scorer(s), as in `best_of_n`. prefix_scorer: what ranks partial responses at
-    each checkpoint: a ValueModel (e.g. a CD-FUDGE scorer), a PrefixFn, a reward model or a Python
-    scorer run on the partial text, or a list of (scorer, weight) pairs. Worst-of-N keeps the
+    each checkpoint: a ValueModel (e.g. a CD-FUDGE scorer, on its own KV cache), a PrefixFn or a
+    Python scorer run on the partial text, or a list of (scorer, weight) pairs. Worst-of-N keeps the
     lowest-scoring branches. An empty schedule is full best-of-N.
     """
     if int(n) < 1:
@@ -239,27 +257,34 @@ def pruned_best_of_n(
                           response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
     full_rows = ds.lengths.shape[0]
     ds = ds.replace(aux=jnp.arange(full_rows, dtype=jnp.int32))
+    sstates = start_states_jit(prefix.kinds, prefix.states, batch.ids, batch.mask,
+                               slots=batch.ids.shape[1] + batch.response_len, n=n)
     b, pb = batch.real_rows, batch.ids.shape[0]
     sign = -1.0 if worst else 1.0
     alive, decoded_rows = n, 0
     generated = np.zeros((b,), np.int64)
     prefix_log = []
+    last = 0
     for cols, keep in zip(schedule.checkpoints, schedule.keep):
         before = int(ds.step)
         ds = branch_decode_jit(graphdef, state, ds, rules, cols, full_rows=full_rows, cap=cap)
         decoded_rows += (int(ds.step) - before) * pb * alive
-        scores = _weighted_scores(prefix, batch, ds, alive, cols, tokenizer).reshape(pb, alive)
+        parts, sstates = prefix_scores_jit(prefix.kinds, prefix.states, sstates, batch.ids, batch.mask,
+                                           ds.tokens, ds.lengths, last, n=alive, width=cols - last)
+        scores = _weighted_total(prefix, batch, ds, parts, alive, tokenizer).reshape(pb, alive)
         prefix_log.append(jnp.asarray(scores[:b], jnp.float32))
         lengths = np.asarray(ds.lengths).reshape(pb, alive)
-        ds, rules, idx = compact_jit(ds, rules, jnp.asarray(sign * scores, jnp.float32), keep=keep,
-                                     mesh=mesh, data_axis=data_axis)
+        ds, rules, sstates, idx = compact_jit(ds, rules, sstates, jnp.asarray(sign * scores, jnp.float32),
+                                              keep=keep, mesh=mesh, data_axis=data_axis)
         kept = np.take_along_axis(lengths, np.asarray(idx), 1)
         generated += (lengths.sum(1) - kept.sum(1))[:b]  # tokens of the branches dropped here
-        alive = keep
+        alive, last = keep, cols
     before = int(ds.step)
     ds = branch_decode_jit(graphdef, state, ds, rules, batch.response_len, full_rows=full_rows, cap=cap)
     decoded_rows += (int(ds.step) - before) * pb * alive
-    totals = _weighted_scores(final, batch, ds, alive, batch.response_len, tokenizer).reshape(pb, alive)[:b]
+    parts = final_scores_jit(final.kinds, final.states, batch.ids, batch.mask, ds.tokens, ds.lengths, n=alive) \
+        if final.has_jax else None
+    totals = _weighted_total(final, batch, ds, parts, alive, tokenizer).reshape(pb, alive)[:b]
     chosen = select(jnp.asarray(totals, jnp.float32), worst)
     rows = b * alive
     lengths = trim(ds.lengths, rows).reshape(b, alive)
