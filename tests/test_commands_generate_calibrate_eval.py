@@ -217,7 +217,8 @@ def test_generate_pruned_best_of_n(capsys, calibrated, tiny_chat_llama_dir, prom
         assert code == 2 and message in err and not (tmp_path / "bad").exists(), err
 
 
-def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated, other_policy_dir, tmp_path):
+def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated, other_policy_dir,
+                                                             tiny_chat_llama_dir, tmp_path):
     """soft_bon rows are the unbiased estimator on the samples, selecting on C_hat; a bad --lam
     is refused in one line before anything loads."""
     from iapo_jax.evaluation.win_rates import per_prompt_win_rates, pool_calibration
@@ -238,6 +239,26 @@ def test_eval_soft_best_of_n_selects_on_the_pool_calibration(capsys, calibrated,
         want = per_prompt_win_rates(policy, ref, "soft_bon", n, lam=0.2,
                                     selection=(pool_calibration(policy, ref), pool_calibration(ref, ref)))
         assert metrics[f"win_rate.soft_bon_{n}"] == pytest.approx(want.mean(), abs=1e-12)
+
+    # Against a baseline policy: the paired difference selects both sides on their calibration.
+    code, out, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
+                             "--baseline", tiny_chat_llama_dir, "--samples", "4", "--ns", "2",
+                             "--procedures", "soft_bon", "--lam", "0.2", "--bootstrap", "50",
+                             "--batch-prompts", "2", "--data", "1", "--run-dir", tmp_path / "paired")
+    assert code == 0, err
+    assert "| soft best-of-N | 2 |" in out.split("against baseline")[1]
+    other = np.array([[r["reward"] for r in read_jsonl(tmp_path / "paired" / "baseline_samples.jsonl")
+                       if r["prompt_index"] == i] for i in range(3)])
+    mine = np.array([[r["reward"] for r in read_jsonl(tmp_path / "paired" / "samples.jsonl")
+                      if r["prompt_index"] == i] for i in range(3)])
+    w = [per_prompt_win_rates(x, ref, "soft_bon", 2, lam=0.2,
+                              selection=(pool_calibration(x, ref), pool_calibration(ref, ref)))
+         for x in (mine, other)]
+    paired = load_record(tmp_path / "paired")["metrics"]
+    assert paired["difference.soft_bon_2"] == pytest.approx(np.mean(w[0] - w[1]), abs=1e-12)
+    head = per_prompt_win_rates(mine, other, "soft_bon", 2, lam=0.2,
+                                selection=(pool_calibration(mine, ref), pool_calibration(other, ref)))
+    assert paired["head_to_head.soft_bon_2"] == pytest.approx(head.mean(), abs=1e-12)
     for bad in (("--lam", "0"), ("--lam", "-1"), ()):
         code, _, err = run_cli(capsys, "eval", "--pool", calibrated, "--policy", other_policy_dir,
                                "--procedures", "soft_bon", *bad, "--run-dir", tmp_path / "bad")

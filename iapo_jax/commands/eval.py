@@ -163,9 +163,6 @@ def check_config(cfg: EvalConfig) -> None:
             check_lam(cfg.lam)
         except ValueError as err:
             raise JobInputError(f"--procedures soft_bon: {err} (--lam)") from None
-        if cfg.baseline is not None:
-            raise JobInputError("--baseline comparisons do not cover soft_bon yet; drop soft_bon from "
-                                "--procedures or --baseline")
     elif cfg.lam is not None:
         raise JobInputError("--lam is soft_bon's selection temperature; add soft_bon to --procedures "
                             "or drop --lam")
@@ -352,7 +349,7 @@ def run(cfg: EvalConfig) -> dict:
             baseline_scores = other["scores"].reshape(len(prompts), n)
             paired = paired_rows(policy_scores, baseline_scores, reference_scores, cfg.procedures,
                                  cfg.ns, num_resamples=cfg.bootstrap, confidence=cfg.confidence,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, lam=cfg.lam)
             table += (f"\n## Policy against baseline `{cfg.baseline}`\n\n"
                       f"- mean reward: baseline {baseline_scores.mean():.4f}; KL(baseline || reference) "
                       f"= {other['kl']:.4f} ± {other['kl_se']:.4f}\n"

@@ -16,14 +16,18 @@ from iapo_jax.evaluation.win_rates import (
     bootstrap_win_rate,
     paired_bootstrap_difference,
     per_prompt_win_rates,
+    pool_calibration,
 )
 
 
 def paired_rows(a_scores, b_scores, reference_scores, procedures: Sequence[str], ns: Sequence[int], *,
-                num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> list[dict]:
+                num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                lam: float | None = None) -> list[dict]:
     """One row per (procedure, N): a and b against the reference, a - b (paired) and a vs b.
 
-    Scores are [prompts, samples] arrays on the same prompts in the same order.
+    Scores are [prompts, samples] arrays on the same prompts in the same order. soft_bon (selection
+    temperature lam) selects every side on its calibration against the reference's samples, as
+    the analytic tool does.
     """
     a, b, ref = (np.asarray(x, np.float64) for x in (a_scores, b_scores, reference_scores))
     if not (a.shape[0] == b.shape[0] == ref.shape[0]):
@@ -31,13 +35,19 @@ def paired_rows(a_scores, b_scores, reference_scores, procedures: Sequence[str],
                          f"{b.shape[0]} and {ref.shape[0]} prompts")
     rows = []
     for procedure in procedures:
+        soft = {}
+        if procedure == "soft_bon":
+            ca, cb, cref = (pool_calibration(x, ref) for x in (a, b, ref))
+            soft = {"against": ({"lam": lam, "selection": (ca, cref)}, {"lam": lam, "selection": (cb, cref)}),
+                    "head": {"lam": lam, "selection": (ca, cb)}}
         for n in ((1,) if procedure == "sampling" else tuple(dict.fromkeys(ns))):
-            wa = per_prompt_win_rates(a, ref, procedure, n)
-            wb = per_prompt_win_rates(b, ref, procedure, n)
+            kw_a, kw_b = soft.get("against", ({}, {}))
+            wa = per_prompt_win_rates(a, ref, procedure, n, **kw_a)
+            wb = per_prompt_win_rates(b, ref, procedure, n, **kw_b)
             diff = paired_bootstrap_difference(wa, wb, num_resamples=num_resamples,
                                                confidence=confidence, seed=seed)
             head = bootstrap_win_rate(a, b, procedure, n, num_resamples=num_resamples,
-                                      confidence=confidence, seed=seed)
+                                      confidence=confidence, seed=seed, **soft.get("head", {}))
             rows.append({"procedure": procedure, "n": int(n), "policy": float(wa.mean()),
                          "baseline": float(wb.mean()), "difference": diff.difference,
                          "difference_ci_low": diff.ci_low, "difference_ci_high": diff.ci_high,
@@ -48,7 +58,7 @@ def paired_rows(a_scores, b_scores, reference_scores, procedures: Sequence[str],
 
 def paired_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
     """Markdown of paired_rows."""
-    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N"}
+    label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N", "soft_bon": "soft best-of-N"}
     pct = f"{confidence:.0%}"
     lines = [f"| procedure | N | W(policy) | W(baseline) | difference [{pct}, paired] | "
              f"W(policy > baseline) [{pct}] |", "|---|---:|---:|---:|---|---|"]
