@@ -55,8 +55,24 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
         ({"methods": ("ctrl", "dpo")}, "unknown methods"),
         ({"eval_samples": 6}, "multiples of samples_per_prompt"),
         ({"beta": -1.0}, "beta must be positive"),
+        ({"methods": ("optimal",), "sweep_kls": (0.5,)}, "solved at the KL target"),
+        ({"methods": ("optimal",), "target_kl": None}, "solved at the KL target"),
     ],
 )
 def test_bad_comparison_settings_fail_before_compute(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CompareConfig(**kwargs).validate()
+
+
+def test_optimal_method_is_the_exact_optimum_at_the_target_kl():
+    """compare's optimal method trains on the analytic tool's optimal tilt at target_kl, and its
+    predicted win rate is the exact optimum's (which no transform's curve beats)."""
+    from iapo_jax.evaluation.comparison import predicted_win_rate
+    from iapo_jax.theory.analysis import analyse
+
+    cfg = CompareConfig(methods=("ctrl", "optimal"), procedure="soft_bon", lam=0.1, target_kl=0.5).validate()
+    trainer = cfg.ctrl_config("optimal")
+    assert trainer.transform == "optimal" and trainer.procedure == "soft_bon" and trainer.lam == 0.1
+    best = analyse("soft_bon", 4, "optimal", kl=0.5, lam=0.1).win_rate
+    assert predicted_win_rate("optimal", cfg, 0.5) == pytest.approx(best)
+    assert predicted_win_rate("ctrl", cfg, 0.5) <= best + 1e-9

@@ -33,6 +33,7 @@ METHODS = {
     "calibrated": ("identity", "identity"),
     "raw": ("raw", "raw"),
     "bon-distill": ("log", "log"),
+    "optimal": ("optimal", "optimal"),  # the exact optimum's tilt log f*(u), solved at target_kl
 }
 
 
@@ -55,7 +56,8 @@ class CompareConfig:
     lam: float | None = None
     """soft_bon's selection temperature on the calibrated reward (required with soft_bon only)."""
     methods: tuple[str, ...] = ("ctrl", "calibrated")
-    """Methods to train: ctrl, calibrated, raw, bon-distill."""
+    """Methods to train: ctrl, calibrated, raw, bon-distill, optimal (the exact optimal transform,
+    solved at target_kl)."""
     train_prompts: int = 16
     """Training prompts (chatterbot-corpus train split)."""
     eval_prompts: int = 16
@@ -107,6 +109,9 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        if "optimal" in self.methods and (self.is_sweep or self.target_kl is None):
+            raise ValueError("method optimal is solved at the KL target: set target_kl and no beta "
+                             "sweep (betas / sweep_kls), or drop optimal from methods")
         if self.deploy_n < 1 or min(self.eval_ns, default=0) < 1:
             raise ValueError("deploy_n and every eval_ns value must be at least 1")
         for name in ("train_prompts", "eval_prompts", "pool_size", "eval_samples"):
