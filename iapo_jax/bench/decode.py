@@ -10,6 +10,7 @@ decoding machinery, not a reward model.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -21,6 +22,7 @@ import numpy as np
 
 from iapo_jax.bench.hf_baseline import hf_generate, load_hf_model
 from iapo_jax.bench.memory import PeakMemory
+from iapo_jax.bench.models import RANDOM_MODELS, is_random_model, make_random_checkpoint
 from iapo_jax.bench.roofline import Machine, count_params, decode_roofline_tokens_per_s
 
 CHAT_PROMPTS = (
@@ -29,8 +31,8 @@ CHAT_PROMPTS = (
     "Explain how a rainbow forms.",
     "Give me three tips for learning to cook.",
 )
-TINY = "tiny"
-MODES = {"plain": ("plain", 1), "bon4": ("best_of_n", 4), "bon16": ("best_of_n", 16), "blockwise": ("blockwise", None)}
+MODES = {"plain": ("plain", 1), "bon4": ("best_of_n", 4), "bon16": ("best_of_n", 16), "bon64": ("best_of_n", 64),
+         "blockwise": ("blockwise", None)}
 
 
 def _cheap_scorer():
@@ -39,25 +41,12 @@ def _cheap_scorer():
     return PrefixFn(lambda ids, mask: jnp.sum(jnp.where(mask, jnp.cos(ids * 0.01), 0.0), -1), "token_cos")
 
 
-def make_tiny_checkpoint(directory: Path) -> Path:
-    """A small random Llama in HF format (written by transformers, so both sides read the same file)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(directory)
-    return directory
-
-
-def benchmark_prompts(source, num_prompts: int) -> list[list[int]]:
-    """Chat-templated questions for real models; fixed random ids of similar length (37-40) for tiny."""
-    if source == TINY:
+def benchmark_prompts(source, num_prompts: int, vocab_size: int | None = None) -> list[list[int]]:
+    """Chat-templated questions for real models; for random-weight models (no tokenizer), fixed
+    random ids of similar length (37-40 tokens)."""
+    if is_random_model(source):
         rng = np.random.default_rng(0)
-        return [rng.integers(3, 256, size=37 + i % 4).tolist() for i in range(num_prompts)]
+        return [rng.integers(3, vocab_size, size=37 + i % 4).tolist() for i in range(num_prompts)]
     from iapo_jax import load_tokenizer
     from iapo_jax.decoding.inputs import tokenize_prompts
 
@@ -130,8 +119,12 @@ def run_decode_benchmark(cfg, machine: Machine | None, log=_log) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for source in cfg.models:
-            path = make_tiny_checkpoint(Path(tmp) / "tiny") if source == TINY else source
-            prompts = benchmark_prompts(path if source != TINY else TINY, cfg.num_prompts)
+            if is_random_model(source):  # written in float32 unless only bfloat16 is measured
+                path = make_random_checkpoint(source, Path(tmp) / source,
+                                              "float32" if "float32" in cfg.dtypes else "bfloat16")
+                prompts = benchmark_prompts(source, cfg.num_prompts, RANDOM_MODELS[source]["vocab_size"])
+            else:
+                path, prompts = source, benchmark_prompts(source, cfg.num_prompts)
             prompt_len = max(len(p) for p in prompts)
             hf32 = None
             for dtype in cfg.dtypes:
@@ -183,4 +176,6 @@ def run_decode_benchmark(cfg, machine: Machine | None, log=_log) -> list[dict]:
                         f"{rec['baseline_tokens_per_s'] or float('nan'):.1f} tok/s, compile {rec['compile_s']:.1f} s")
                     records.append(rec)
                 del model, hf
+            if is_random_model(source):
+                shutil.rmtree(path, ignore_errors=True)  # an 8B checkpoint is 16-32 GB of disk
     return records

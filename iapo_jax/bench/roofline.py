@@ -28,8 +28,13 @@ def _best_time(fn, *args, repeats: int = 5) -> float:
     return min(times)
 
 
-def measure_machine(bandwidth_mb: int = 512, matmul_n: int = 2048) -> Machine:
-    """Read bandwidth from summing a large array; matmul peak from an n x n x n product."""
+def measure_machine(bandwidth_mb: int | None = None, matmul_n: int | None = None) -> Machine:
+    """Read bandwidth from summing a large array; matmul peak from an n x n x n product. Sizes
+    default to 512 MB and n = 2048 on a CPU, 4 GB and n = 8192 on an accelerator (HBM and tensor
+    cores need more work per call than launch overhead)."""
+    accelerator = jax.devices()[0].platform != "cpu"
+    bandwidth_mb = bandwidth_mb or (4096 if accelerator else 512)
+    matmul_n = matmul_n or (8192 if accelerator else 2048)
     x = jnp.ones((bandwidth_mb * 2**20 // 4,), jnp.float32)
     t = _best_time(jax.jit(jnp.sum), x)
     bandwidth = x.nbytes / t / 1e9

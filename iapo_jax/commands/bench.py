@@ -3,6 +3,7 @@
     iapo bench decode                       # SmolLM2-135M-Instruct and a tiny model, f32 and bf16
     iapo bench decode --json runs/bench_decode.json --markdown bench.md
     iapo bench decode --models tiny --dtypes float32 --repeats 1      # a quick look
+    iapo bench decode --models llama-1b-random --modes plain bon4 bon16 bon64   # GPU: nothing to download
 
 Prints one table per dtype: generated tokens/s of this project and of transformers (same weights,
 dtype, prompts and lengths, num_return_sequences = N, in the same run), their ratio, compile time,
@@ -44,11 +45,14 @@ class BenchConfig:
     markdown: Path | None = None
     """Write the tables (markdown, with the machine named) here."""
     models: tuple[str, ...] = ("smollm2-135m-instruct", "tiny")
-    """Model sources; 'tiny' is a small random Llama written by transformers for the run."""
+    """Model sources, or architectures made here with random weights (no download; written by
+    transformers for the run): tiny, smollm2-135m-random, llama-1b-random, llama-8b-random."""
     dtypes: tuple[Literal["float32", "bfloat16"], ...] = ("float32", "bfloat16")
     """Dtypes; each side runs in the same dtype (weights and compute; f32 accumulation)."""
-    modes: tuple[Literal["plain", "bon4", "bon16", "blockwise"], ...] = ("plain", "bon4", "bon16", "blockwise")
-    """plain sampling, best-of-4, best-of-16, blockwise CD (K = --blockwise-k, M = --block-size)."""
+    modes: tuple[Literal["plain", "bon4", "bon16", "bon64", "blockwise"], ...] = (
+        "plain", "bon4", "bon16", "blockwise")
+    """plain sampling, best-of-4 / 16 / 64, blockwise CD (K = --blockwise-k, M = --block-size).
+    With two or more of plain and bon*, an N-scaling table is printed too."""
     num_prompts: int = 4
     """Prompts per call (fixed chat questions)."""
     max_new_tokens: int = 64
@@ -65,8 +69,23 @@ class BenchConfig:
     """Measure the machine's bandwidth and matmul peak and report roofline fractions."""
 
 
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides the fast paths
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Which of MATRIX_FLAGS this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return tuple(f for f in MATRIX_FLAGS if f in have)
+    except OSError:
+        pass
+    return ()
+
+
 def machine_name() -> str:
-    """CPU model (from lscpu / /proc/cpuinfo) and core count, or the accelerator's name."""
+    """CPU model, core count and matrix-unit flags (from /proc/cpuinfo), or the accelerator's name."""
     import jax
 
     dev = jax.devices()[0]
@@ -80,9 +99,10 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    import os
-
-    return f"{model}, {os.cpu_count()} cores"
+    flags = cpu_flags()
+    missing = [f for f in MATRIX_FLAGS if f not in flags]
+    return (f"{model}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none'}"
+            + (f" (no {' '.join(missing)})" if missing else ""))
 
 
 @contextlib.contextmanager
