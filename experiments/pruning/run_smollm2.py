@@ -38,7 +38,9 @@ from iapo_jax.rewards.spec import build_scorers
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
-SCHEDULES = {"fudge": ("8:2", "8:4", "16:4", "8:8,16:4", "24:4"), "vader-partial": ("8:4", "16:4", "24:4")}
+SCHEDULES = {"fudge": ("8:2", "8:4", "16:4", "8:8,16:4", "24:4"),
+             "vader-partial": ("8:4", "16:4", "24:4", "8:8,16:4", "8:8,24:4", "12:8,24:4"),
+             "fudge+vader": ("16:4", "8:8,24:4")}
 
 
 def served_rewards(reward, prompts, texts) -> np.ndarray:
@@ -62,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.seeds, args.pool = 4, 1, 4
-    schedules = ({"fudge": ("8:4",), "vader-partial": ("8:4",)} if args.quick else SCHEDULES)
+    schedules = ({"fudge": ("8:4",), "vader-partial": ("8:4",), "fudge+vader": ("8:8,24:4",)} if args.quick
+                 else SCHEDULES)
     for group in schedules.values():
         for s in group:
             PruneSchedule.parse(s).check(args.n, args.max_new_tokens)
@@ -70,7 +73,9 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     reward = build_reward(reward_spec("vader"))
     [(fudge, _)] = build_scorers(reward_spec(str(args.scorer), flag="--scorer"), model)
-    prefix_scorers = {"fudge": fudge, "vader-partial": reward}
+    # fudge+vader: the value head's prediction of the final VADER and VADER of the text so far,
+    # equally weighted (both in VADER's units).
+    prefix_scorers = {"fudge": fudge, "vader-partial": reward, "fudge+vader": [(fudge, 0.5), (reward, 0.5)]}
     prompts = load_prompts(None, split="eval", categories=(), num_prompts=args.prompts, seed=0)
     common = {"max_new_tokens": args.max_new_tokens, "tokenizer": tokenizer}
     load_start = os.getloadavg()[0]
@@ -177,7 +182,7 @@ def write_page(meta: dict, table: list[dict]) -> None:
         "",
         "Schedule `T:K` keeps the K best branches after T tokens. Prefix scorers: `fudge`, a CD-FUDGE "
         f"value head trained on pi_ref rollouts (`{Path(meta['scorer']).name}`); `vader-partial`, VADER "
-        "on the partial text.",
+        "on the partial text; `fudge+vader`, their mean.",
         "",
         "| prefix scorer | schedule | win rate vs pi_ref | pruned - full (95% paired CI) | same served | "
         "tokens saved | rows saved | wall-time speed-up |",
@@ -201,7 +206,7 @@ def plot(table: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, marker in (("fudge", "o"), ("vader-partial", "s")):
+    for name, marker in (("fudge", "o"), ("vader-partial", "s"), ("fudge+vader", "^")):
         rows = [r for r in table if r["prefix_scorer"] == name]
         x = [r["token_saving"] for r in rows]
         y = [100 * r["diff"] for r in rows]
