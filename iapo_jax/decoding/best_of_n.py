@@ -29,19 +29,9 @@ from iapo_jax.decoding.sampler import decode_jit, decode_texts, split_model, sta
 from iapo_jax.decoding.scorers import as_scorer_set, final_scores, host_scores, host_weights
 
 
-@struct.dataclass
-class BestOfNOutput:
-    """All N responses per prompt with their scores, and the chosen one."""
-
-    tokens: jax.Array  # [B, N, T] int32
-    lengths: jax.Array  # [B, N]
-    logprobs: jax.Array  # [B, N, T] under the sampling policy
-    raw_logprobs: jax.Array  # [B, N, T] under the unfiltered temperature-1 policy
-    scores: jax.Array  # [B, N] weighted sum of the scorers
-    component_scores: jax.Array  # [num_scorers, B, N] each scorer alone (JAX scorers first)
-    chosen: jax.Array  # [B] index of the selected response
-    kl_bound: float = struct.field(pytree_node=False, default=0.0)  # log N - (N-1)/N
-    texts: tuple | None = struct.field(pytree_node=False, default=None)  # [B][N] strings
+class ServedResponse:
+    """The served response of outputs holding tokens [B, M, T], lengths [B, M], texts [B][M] and
+    the index chosen [B] among the M."""
 
     @property
     def best_tokens(self) -> jax.Array:
@@ -56,6 +46,21 @@ class BestOfNOutput:
         if self.texts is None:
             return None
         return tuple(row[int(c)] for row, c in zip(self.texts, np.asarray(self.chosen)))
+
+
+@struct.dataclass
+class BestOfNOutput(ServedResponse):
+    """All N responses per prompt with their scores, and the chosen one."""
+
+    tokens: jax.Array  # [B, N, T] int32
+    lengths: jax.Array  # [B, N]
+    logprobs: jax.Array  # [B, N, T] under the sampling policy
+    raw_logprobs: jax.Array  # [B, N, T] under the unfiltered temperature-1 policy
+    scores: jax.Array  # [B, N] weighted sum of the scorers
+    component_scores: jax.Array  # [num_scorers, B, N] each scorer alone (JAX scorers first)
+    chosen: jax.Array  # [B] index of the selected response
+    kl_bound: float = struct.field(pytree_node=False, default=0.0)  # log N - (N-1)/N
+    texts: tuple | None = struct.field(pytree_node=False, default=None)  # [B][N] strings
 
 
 def select(scores: jax.Array, worst: bool) -> jax.Array:

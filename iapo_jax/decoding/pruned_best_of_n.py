@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from iapo_jax.decoding.best_of_n import select
+from iapo_jax.decoding.best_of_n import ServedResponse, select
 from iapo_jax.decoding.blockwise import start_states_jit
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
 from iapo_jax.decoding.filters import DEFAULT_CAP, sample_next
@@ -100,7 +100,7 @@ class PruneSchedule:
 
 
 @struct.dataclass
-class PrunedBestOfNOutput:
+class PrunedBestOfNOutput(ServedResponse):
     """The surviving branches of each prompt, their final scores, and the chosen one."""
 
     tokens: jax.Array  # [B, M, T] int32, M = branches alive at the end
@@ -116,23 +116,9 @@ class PrunedBestOfNOutput:
     texts: tuple | None = struct.field(pytree_node=False, default=None)  # [B][M]
 
     @property
-    def best_tokens(self) -> jax.Array:
-        return jnp.take_along_axis(self.tokens, self.chosen[:, None, None], 1)[:, 0]
-
-    @property
-    def best_lengths(self) -> jax.Array:
-        return jnp.take_along_axis(self.lengths, self.chosen[:, None], 1)[:, 0]
-
-    @property
     def best_branch(self) -> jax.Array:
         """[B] the served response's branch index among the N of full best-of-N."""
         return jnp.take_along_axis(self.branch, self.chosen[:, None], 1)[:, 0]
-
-    @property
-    def best_texts(self) -> tuple[str, ...] | None:
-        if self.texts is None:
-            return None
-        return tuple(row[int(c)] for row, c in zip(self.texts, np.asarray(self.chosen)))
 
 
 def branch_choice(full_rows: int, cap: int):
