@@ -53,15 +53,24 @@ def batches(items, size):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scorer", required=True, help="an `iapo train-scorer` run directory (CD-FUDGE)")
+    ap.add_argument("--scorer", type=Path, help="an `iapo train-scorer` run directory (CD-FUDGE)")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=24, help="held-out chat prompts (eval topics)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--pool", type=int, default=16, help="pi_ref samples per prompt for the win rate")
     ap.add_argument("--batch-prompts", type=int, default=8)
-    ap.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 2 schedules; no page")
+    ap.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 3 schedules; no page")
+    ap.add_argument("--page-only", action="store_true",
+                    help="rebuild the page and plot from experiments/results/pruned_bon.json")
     args = ap.parse_args()
+    if args.page_only:
+        saved = json.loads((RESULTS / "pruned_bon.json").read_text())
+        write_page(saved["meta"], saved["rows"])
+        plot(saved["rows"])
+        return
+    if args.scorer is None:
+        ap.error("--scorer RUN_DIR is required (the CD-FUDGE scorer, e.g. experiments/results/pruning/scorer-vader-48)")
     if args.quick:
         args.prompts, args.seeds, args.pool = 4, 1, 4
     schedules = ({"fudge": ("8:4",), "vader-partial": ("8:4",), "fudge+vader": ("8:8,24:4",)} if args.quick
@@ -147,7 +156,8 @@ def main() -> None:
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "scorer_record": scorer_record(Path(args.scorer))}
     for row in table:
         print(f"{row['prefix_scorer']:>14} {row['schedule']:>9}  W {row['win_rate']:.3f}  "
               f"dW {row['diff']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]  "
@@ -159,6 +169,30 @@ def main() -> None:
     (RESULTS / "pruned_bon.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
     write_page(meta, table)
     plot(table)
+
+
+def scorer_record(run_dir: Path) -> dict:
+    """How the CD-FUDGE scorer was trained and how well it predicts (from its run record)."""
+    record = json.loads((run_dir / "manifest.json").read_text())
+    metrics = record.get("metrics", {})
+    return {"command": " ".join(record["command"]["argv"]), "eval_mse": metrics.get("eval_mse"),
+            "eval_baseline_mse": metrics.get("eval_baseline_mse")}
+
+
+def target_line(table: list[dict]) -> str:
+    """The issue's target: within 1 point of full best-of-N (paired interval) at >= 2x fewer tokens."""
+    pruned = [r for r in table if r["schedule"] != "none"]
+    meet = [r for r in pruned if r["token_saving"] >= 2 and r["diff_low"] >= -0.01]
+    if meet:
+        best = max(meet, key=lambda r: r["token_saving"])
+        return (f"Target met: {best['prefix_scorer']} {best['schedule']} is within 1 point of full best-of-N "
+                f"({100 * best['diff']:+.1f} [{100 * best['diff_low']:+.1f}, {100 * best['diff_high']:+.1f}]) "
+                f"with {best['token_saving']:.2f}x fewer tokens.")
+    near = max((r for r in pruned if r["token_saving"] >= 1.9), key=lambda r: r["diff"])
+    return (f"Target (within 1 point of full best-of-N, paired interval, with at least 2x fewer tokens) not "
+            f"met. Closest: {near['prefix_scorer']} {near['schedule']}, {100 * near['diff']:+.1f} "
+            f"[{100 * near['diff_low']:+.1f}, {100 * near['diff_high']:+.1f}] points with "
+            f"{near['token_saving']:.2f}x fewer tokens ({near['speedup']:.2f}x less wall time).")
 
 
 def write_page(meta: dict, table: list[dict]) -> None:
@@ -183,6 +217,13 @@ def write_page(meta: dict, table: list[dict]) -> None:
         "Schedule `T:K` keeps the K best branches after T tokens. Prefix scorers: `fudge`, a CD-FUDGE "
         f"value head trained on pi_ref rollouts (`{Path(meta['scorer']).name}`); `vader-partial`, VADER "
         "on the partial text; `fudge+vader`, their mean.",
+        "",
+        *([f"The CD-FUDGE scorer's run record is committed in "
+           f"[pruning/scorer-vader-48/](pruning/scorer-vader-48/) (`{meta['scorer_record']['command']}`): "
+           f"held-out mean squared error to the final VADER {meta['scorer_record']['eval_mse']:.3f}, "
+           f"against {meta['scorer_record']['eval_baseline_mse']:.3f} for the constant mean.", ""]
+          if meta.get("scorer_record") else []),
+        target_line(table),
         "",
         "| prefix scorer | schedule | win rate vs pi_ref | pruned - full (95% paired CI) | same served | "
         "tokens saved | rows saved | wall-time speed-up |",
