@@ -60,14 +60,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--pool", type=int, default=16, help="pi_ref samples per prompt for the win rate")
     ap.add_argument("--batch-prompts", type=int, default=8)
+    ap.add_argument("--schedules", nargs="+", metavar="SCORER=T:K[,T:K]",
+                    help="run only these, e.g. vader-partial=16:4 fudge=8:8,16:4 (default: the page's set)")
+    ap.add_argument("--name", default="pruned_bon", help="results file stem under experiments/results/")
     ap.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 3 schedules; no page")
     ap.add_argument("--page-only", action="store_true",
-                    help="rebuild the page and plot from experiments/results/pruned_bon.json")
+                    help="rebuild the page and plot from experiments/results/NAME.json")
     args = ap.parse_args()
     if args.page_only:
-        saved = json.loads((RESULTS / "pruned_bon.json").read_text())
-        write_page(saved["meta"], saved["rows"])
-        plot(saved["rows"])
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_page(saved["meta"], saved["rows"], args.name)
+        plot(saved["rows"], args.name)
         return
     if args.scorer is None:
         ap.error("--scorer RUN_DIR is required (the CD-FUDGE scorer, e.g. experiments/results/pruning/scorer-vader-48)")
@@ -75,6 +78,14 @@ def main() -> None:
         args.prompts, args.seeds, args.pool = 4, 1, 4
     schedules = ({"fudge": ("8:4",), "vader-partial": ("8:4",), "fudge+vader": ("8:8,24:4",)} if args.quick
                  else SCHEDULES)
+    if args.schedules:
+        schedules = {}
+        for item in args.schedules:
+            scorer, _, sched = item.partition("=")
+            if scorer not in SCHEDULES or not sched:
+                ap.error(f"--schedules {item!r}: write SCORER=T:K with SCORER one of {sorted(SCHEDULES)}")
+            schedules.setdefault(scorer, ())
+            schedules[scorer] += (sched,)
     for group in schedules.values():
         for s in group:
             PruneSchedule.parse(s).check(args.n, args.max_new_tokens)
@@ -166,9 +177,9 @@ def main() -> None:
     if args.quick:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pruned_bon.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
-    write_page(meta, table)
-    plot(table)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
+    write_page(meta, table, args.name)
+    plot(table, args.name)
 
 
 def scorer_record(run_dir: Path) -> dict:
@@ -195,7 +206,7 @@ def target_line(table: list[dict]) -> str:
             f"{near['token_saving']:.2f}x fewer tokens ({near['speedup']:.2f}x less wall time).")
 
 
-def write_page(meta: dict, table: list[dict]) -> None:
+def write_page(meta: dict, table: list[dict], name: str = "pruned_bon") -> None:
     lines = [
         "# Early-pruned best-of-N on SmolLM2: quality against compute",
         "",
@@ -230,29 +241,31 @@ def write_page(meta: dict, table: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        name = "— (full best-of-N)" if r["schedule"] == "none" else r["prefix_scorer"]
+        scorer = "— (full best-of-N)" if r["schedule"] == "none" else r["prefix_scorer"]
         diff = "—" if r["schedule"] == "none" else \
             f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
-        lines.append(f"| {name} | {r['schedule']} | {100 * r['win_rate']:.1f} | {diff} | "
+        lines.append(f"| {scorer} | {r['schedule']} | {100 * r['win_rate']:.1f} | {diff} | "
                      f"{r['same_served']:.2f} | {r['token_saving']:.2f}x | {r['rows_saving']:.2f}x | "
                      f"{r['speedup']:.2f}x |")
-    lines += ["", "![trade-off](pruned_bon.png)", ""]
-    (RESULTS / "pruned_bon.md").write_text("\n".join(lines))
+    lines += ["", f"![trade-off]({name}.png)", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
 
-def plot(table: list[dict]) -> None:
+def plot(table: list[dict], name: str = "pruned_bon") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, marker in (("fudge", "o"), ("vader-partial", "s"), ("fudge+vader", "^")):
-        rows = [r for r in table if r["prefix_scorer"] == name]
+    for scorer, marker in (("fudge", "o"), ("vader-partial", "s"), ("fudge+vader", "^")):
+        rows = [r for r in table if r["prefix_scorer"] == scorer]
+        if not rows:
+            continue
         x = [r["token_saving"] for r in rows]
         y = [100 * r["diff"] for r in rows]
         err = [[100 * (r["diff"] - r["diff_low"]) for r in rows], [100 * (r["diff_high"] - r["diff"]) for r in rows]]
-        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=name)
+        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=scorer)
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(r["schedule"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
@@ -261,7 +274,7 @@ def plot(table: list[dict]) -> None:
     ax.set_ylabel("win rate vs pi_ref: pruned - full (points)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "pruned_bon.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":
