@@ -199,7 +199,7 @@ def target_line(table: list[dict]) -> str:
         return (f"Target met: {best['prefix_scorer']} {best['schedule']} is within 1 point of full best-of-N "
                 f"({100 * best['diff']:+.1f} [{100 * best['diff_low']:+.1f}, {100 * best['diff_high']:+.1f}]) "
                 f"with {best['token_saving']:.2f}x fewer tokens.")
-    near = max((r for r in pruned if r["token_saving"] >= 1.9), key=lambda r: r["diff"])
+    near = max([r for r in pruned if r["token_saving"] >= 1.9] or pruned, key=lambda r: r["diff"])
     return (f"Target (within 1 point of full best-of-N, paired interval, with at least 2x fewer tokens) not "
             f"met. Closest: {near['prefix_scorer']} {near['schedule']}, {100 * near['diff']:+.1f} "
             f"[{100 * near['diff_low']:+.1f}, {100 * near['diff_high']:+.1f}] points with "
