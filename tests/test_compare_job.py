@@ -55,8 +55,8 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
         ({"methods": ("ctrl", "dpo")}, "unknown methods"),
         ({"eval_samples": 6}, "multiples of samples_per_prompt"),
         ({"beta": -1.0}, "beta must be positive"),
-        ({"methods": ("optimal",), "sweep_kls": (0.5,)}, "solved at the KL target"),
-        ({"methods": ("optimal",), "target_kl": None}, "solved at the KL target"),
+        ({"methods": ("optimal",), "betas": (0.1,)}, "solved at a KL"),
+        ({"methods": ("optimal",), "target_kl": None}, "solved at a KL"),
     ],
 )
 def test_bad_comparison_settings_fail_before_compute(kwargs, match):
@@ -76,3 +76,25 @@ def test_optimal_method_is_the_exact_optimum_at_the_target_kl():
     best = analyse("soft_bon", 4, "optimal", kl=0.5, lam=0.1).win_rate
     assert predicted_win_rate("optimal", cfg, 0.5) == pytest.approx(best)
     assert predicted_win_rate("ctrl", cfg, 0.5) <= best + 1e-9
+
+
+def test_optimal_sweep_point_is_the_optimum_solved_at_its_kl():
+    """A sweep by KL trains the optimal method at each point on the optimum solved at that KL, with
+    the beta at which tilting pi_ref by that reward gives back the optimum: check that tilting the
+    uniform law of u by exp(Phi / beta) has exactly the point's KL."""
+    import numpy as np
+
+    from iapo_jax.evaluation.kl_sweep import sweep_points
+    from iapo_jax.rewards.transforms import optimal_table
+
+    cfg = CompareConfig(methods=("optimal", "calibrated"), sweep_kls=(0.25, 1.0)).validate()
+    points = [p for p in sweep_points(cfg) if p.method == "optimal"]
+    assert [p.kl for p in points] == [0.25, 1.0]
+    for p in points:
+        trainer = cfg.ctrl_config(p.method, beta=p.beta, t=p.t, optimal_kl=p.kl)
+        assert trainer.optimal_kl == p.kl and trainer.target_kl is None
+        table = optimal_table("bon", 4, kl=p.kl)
+        dens = np.exp(table.phi / p.beta)
+        dens /= np.trapezoid(dens, table.u)
+        assert np.trapezoid(dens * np.log(dens), table.u) == pytest.approx(p.kl, rel=2e-3)
+    assert cfg.ctrl_config("calibrated", beta=0.1, optimal_kl=0.25).optimal_kl is None

@@ -57,7 +57,7 @@ class CompareConfig:
     """soft_bon's selection temperature on the calibrated reward (required with soft_bon only)."""
     methods: tuple[str, ...] = ("ctrl", "calibrated")
     """Methods to train: ctrl, calibrated, raw, bon-distill, optimal (the exact optimal transform,
-    solved at target_kl)."""
+    solved at target_kl, or at each KL of sweep_kls)."""
     train_prompts: int = 16
     """Training prompts (chatterbot-corpus train split)."""
     eval_prompts: int = 16
@@ -109,9 +109,9 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-        if "optimal" in self.methods and (self.is_sweep or self.target_kl is None):
-            raise ValueError("method optimal is solved at the KL target: set target_kl and no beta "
-                             "sweep (betas / sweep_kls), or drop optimal from methods")
+        if "optimal" in self.methods and (self.betas or not (self.sweep_kls or self.target_kl)):
+            raise ValueError("method optimal is solved at a KL: set target_kl, or sweep by KL with "
+                             "sweep_kls (not betas), or drop optimal from methods")
         if self.deploy_n < 1 or min(self.eval_ns, default=0) < 1:
             raise ValueError("deploy_n and every eval_ns value must be at least 1")
         for name in ("train_prompts", "eval_prompts", "pool_size", "eval_samples"):
@@ -148,8 +148,10 @@ class CompareConfig:
     def is_sweep(self) -> bool:
         return bool(self.betas or self.sweep_kls)
 
-    def ctrl_config(self, method: str, beta: float | None = None, t: float | None = None) -> CTRLConfig:
-        """The method's trainer settings; a given beta (a sweep point) is held fixed."""
+    def ctrl_config(self, method: str, beta: float | None = None, t: float | None = None,
+                    optimal_kl: float | None = None) -> CTRLConfig:
+        """The method's trainer settings; a given beta (a sweep point) is held fixed, and the
+        optimal transform of a sweep point is solved at that point's KL (optimal_kl)."""
         bon, won = METHODS[method]
         fixed = beta is not None
         return CTRLConfig(
@@ -162,6 +164,7 @@ class CompareConfig:
             steps=self.steps, learning_rate=self.learning_rate,
             warmup_steps=self.resolved_warmup_steps, lora_rank=self.lora_rank,
             max_new_tokens=self.max_new_tokens, seed=self.seed, reward_floor_nats=self.reward_floor_nats,
+            optimal_kl=optimal_kl if method == "optimal" else None,
         )
 
 
@@ -334,7 +337,8 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
     if cfg.is_sweep:
         from iapo_jax.evaluation.kl_sweep import sweep_points
 
-        runs = [(p.name, cfg.ctrl_config(p.method, beta=p.beta, t=p.t), p) for p in sweep_points(cfg)]
+        runs = [(p.name, cfg.ctrl_config(p.method, beta=p.beta, t=p.t, optimal_kl=p.kl), p)
+                for p in sweep_points(cfg)]
     else:
         runs = [(m, cfg.ctrl_config(m), None) for m in cfg.methods]
     for name, mcfg, point in runs:

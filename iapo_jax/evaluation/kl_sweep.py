@@ -39,10 +39,15 @@ def trainer_beta(procedure: str, n: int, transform: str, kl: float) -> tuple[flo
     The analytic tool measures beta in the units of Phi as algorithms.md writes it; the trainer
     rescales exp(tu) to (e^{tu} - 1) / (e^t - 1) and -exp(-tu) to (1 - e^{-tu}) / (1 - e^{-t}),
     which divides beta by e^t - 1 and 1 - e^{-t} respectively. Raw rewards have no closed form; they
-    get the identity's beta (both are rewards of order one).
+    get the identity's beta (both are rewards of order one). The optimal transform is the optimum
+    solved at `kl` itself, log f* rescaled onto [0, 1], so its beta is 1 / (max - min of log f*).
     """
     from iapo_jax.theory.analysis import analyse
 
+    if transform == "optimal":  # the optimum solved at this KL, rescaled onto [0, 1] by its range
+        from iapo_jax.rewards.transforms import optimal_table
+
+        return 1.0 / optimal_table(procedure, n, kl=kl).log_f_range, None
     result = analyse(procedure, n, "identity" if transform == "raw" else transform, kl=kl)
     log_beta = result.log_beta
     if transform == "exp":
