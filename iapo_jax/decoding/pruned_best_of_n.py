@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from iapo_jax.decoding.best_of_n import ServedResponse, select
+from iapo_jax.decoding.best_of_n import ServedResponse, final_scores_jit, select
 from iapo_jax.decoding.blockwise import start_states_jit
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
 from iapo_jax.decoding.filters import DEFAULT_CAP, sample_next
@@ -34,7 +34,6 @@ from iapo_jax.decoding.sampler import decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.scorers import (
     as_scorer_set,
     block_scores,
-    final_scores,
     host_scores,
     host_weights,
 )
@@ -148,11 +147,6 @@ def prefix_scores_jit(kinds, states, sstates, ids, mask, tokens, lengths, start,
     """
     return block_scores(kinds, states, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens,
                         lengths, start, width)
-
-
-@functools.partial(jax.jit, static_argnames=("kinds", "n"))
-def final_scores_jit(kinds, states, ids, mask, tokens, lengths, *, n: int):
-    return final_scores(kinds, states, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "mesh", "data_axis"))
