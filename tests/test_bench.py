@@ -6,7 +6,7 @@ import json
 import pytest
 
 from iapo_jax import cli
-from iapo_jax.bench.models import RANDOM_MODELS, make_random_checkpoint, param_count, random_config
+from iapo_jax.bench.models import make_random_checkpoint, param_count, random_config
 
 # Published parameter counts: SmolLM2-135M 134,515,008 (its model card's 135M; our loader on the
 # packaged file agrees below); Llama 3.2 1B 1.23B; Llama 3.1 8B 8.03B (meta-llama model cards).
@@ -52,4 +52,3 @@ def test_bench_prints_n_scaling_and_names_the_machine(tmp_path, capsys):
         assert "cores, flags" in r["machine"]
     text = out_md.read_text()
     assert "N-scaling, tiny (float32, 4 prompts)" in text and "| 4 | 16 |" in text
-    assert "tiny" in RANDOM_MODELS
