@@ -9,6 +9,7 @@ from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
 from iapo_jax.evaluation.comparison import CompareConfig
 
 RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
+REPRODUCE_IGNORE = ("*seconds",)  # the training steps' stage timings (StageClock)
 
 
 def run(cfg: CompareConfig) -> dict:

@@ -16,6 +16,7 @@ from iapo_jax.commands.configs import MeshFlags
 from iapo_jax.commands.job_inputs import JobInputError, resolve_model_source
 
 RESUMABLE = True
+REPRODUCE_IGNORE = ("*seconds",)  # the step's stage timings (StageClock)
 # With the constant learning rate, more steps continue the same run exactly; a cosine schedule
 # decays over --steps, so there nothing may change (see resume_safe).
 RESUME_SAFE = ("steps",)

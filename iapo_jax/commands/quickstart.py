@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
+from iapo_jax.commands.compare import REPRODUCE_IGNORE  # noqa: F401  (a compare's timings)
 from iapo_jax.evaluation.comparison import CompareConfig
 
 RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor

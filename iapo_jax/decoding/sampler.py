@@ -95,8 +95,11 @@ def trim(x, rows: int, cols: int | None = None):
 
 
 def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, data_axis="data",
-                 cap: int = DEFAULT_CAP, tokenizer=None, trim_output: bool = True) -> SampleOutput:
-    """Sample n responses per prompt of a prepared batch (see `inputs.prepare`)."""
+                 cap: int = DEFAULT_CAP, tokenizer=None, trim_output: bool = True,
+                 clock=None) -> SampleOutput:
+    """Sample n responses per prompt of a prepared batch (see `inputs.prepare`).
+
+    clock: a runtime.stage_clock.StageClock that gets the "rollout" and "ref_logprobs" laps."""
     if int(n) < 1:
         raise ValueError(f"number of samples per prompt must be at least 1, got {n}.")
     graphdef, state = split_model(model, mesh)
@@ -105,16 +108,22 @@ def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, 
     ds = decode_jit(graphdef, state, ds, rules, batch.response_len, cap=cap)
     rows = batch.real_rows * n
     cols = batch.max_new_tokens if trim_output else None
+    if clock is not None:
+        clock.lap("rollout", ds.tokens)
     ref_lp = None
     if ref_model is not None:  # the whole response bucket: a new max_new_tokens must not recompile
         rgraph, rstate = split_model(ref_model, mesh)
         ref_lp = ref_logprobs_jit(rgraph, rstate, batch.ids, batch.mask, ds.tokens, ds.lengths)
+        if clock is not None:
+            clock.lap("ref_logprobs", ref_lp)
     out = SampleOutput(tokens=trim(ds.tokens, rows, cols), lengths=trim(ds.lengths, rows),
                        logprobs=trim(ds.logprobs, rows, cols),
                        raw_logprobs=trim(ds.raw_logprobs, rows, cols),
                        ref_logprobs=trim(ref_lp, rows, cols))
     if tokenizer is not None:
         out = out.replace(texts=decode_texts(tokenizer, out.tokens, out.lengths))
+        if clock is not None:
+            clock.lap("detokenize")
     return out
 
 
