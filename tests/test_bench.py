@@ -1,5 +1,6 @@
-"""The decoding benchmark: named random-weight architectures match their published sizes, and a
-small run prints every table (the N-scaling one included) with the machine named."""
+"""The benchmarks: named random-weight architectures match their published sizes, a small decode
+run prints every table (the N-scaling one included) with the machine named, and the train
+benchmark times every stage of a real CTRL step."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 
 from iapo_jax import cli
 from iapo_jax.bench.models import make_random_checkpoint, param_count, random_config
+from iapo_jax.bench.train_step import STAGES
 
 # Published parameter counts: SmolLM2-135M 134,515,008 (its model card's 135M; our loader on the
 # packaged file agrees below); Llama 3.2 1B 1.23B; Llama 3.1 8B 8.03B (meta-llama model cards).
@@ -52,3 +54,25 @@ def test_bench_prints_n_scaling_and_names_the_machine(tmp_path, capsys):
         assert "cores, flags" in r["machine"]
     text = out_md.read_text()
     assert "N-scaling, tiny (float32, 4 prompts)" in text and "| 4 | 16 |" in text
+
+
+def test_bench_train_times_every_stage_of_a_ctrl_step(tiny_chat_llama_dir, tmp_path, capsys):
+    out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
+    code = cli.main(["bench", "train", "--models", str(tiny_chat_llama_dir), "--dtypes", "float32",
+                     "--repeats", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+                     "--rollout-tokens", "4", "--pool-size", "4", "--no-roofline", "--json", str(out_json),
+                     "--markdown", str(out_md), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    records = json.loads(out_json.read_text())
+    assert [(r["setup"], r["lora_rank"]) for r in records] == [("full", 0), ("lora", 8)]
+    for r in records:
+        stages = [r[f"{s}_s"] for s in STAGES]
+        assert min(stages) >= 0 and r["update_s"] > 0 and r["rollout_s"] > 0
+        assert sum(stages) == pytest.approx(r["step_s"])  # one timed step: the stages are the step
+        assert r["steps_per_hour"] == pytest.approx(3600 / r["step_s"])
+    assert "| merge | rollout | ref_logprobs |" in out_md.read_text()
+
+
+def test_bench_train_refuses_a_model_without_a_tokenizer(capsys):
+    code = cli.main(["bench", "train", "--models", "tiny", "--no-roofline"])
+    assert code == 2 and "needs a model with a tokenizer" in capsys.readouterr().err

@@ -29,7 +29,7 @@ POSITIVE_COUNTS = ("steps", "samples", "samples_per_prompt", "prompts_per_step",
                    "num_prompts", "deploy_n", "n", "eval_samples", "repeats", "ppo_epochs",
                    "block_size", "cd_k", "cd_samples", "reference_samples", "bootstrap",
                    "features", "batch", "keep_last", "blockwise_k", "max_length", "cd_top_k",
-                   "fsdp", "tensor")
+                   "fsdp", "tensor", "probe_samples", "rollout_tokens")
 # Counts where 0 means "off" or "all".
 NON_NEGATIVE_COUNTS = ("warmup_steps", "lora_rank", "top_k", "probe_every", "max_pairs",
                        "eval_every")
