@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from iapo_jax.evaluation import inference_time_win_rate
 from iapo_jax.evaluation.comparison import CompareConfig
+from iapo_jax.rewards.calibration import ReferencePool
 
 ARGS = ["--reward", "length", "--steps", "2", "--train-prompts", "8", "--eval-prompts", "8",
         "--pool-size", "8", "--eval-samples", "8", "--max-new-tokens", "12", "--eval-ns", "1", "2",
@@ -21,10 +24,30 @@ def _iapo(*args, cwd):
 @pytest.mark.slow
 def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tmp_path):
     run = tmp_path / "run"
-    done = _iapo("compare", "--model", tiny_chat_llama_dir, *ARGS, "--run-dir", run, cwd=tmp_path)
+    done = _iapo("compare", "--model", tiny_chat_llama_dir, *ARGS, "--probe-every", 1, "--probe-samples", 4,
+                 "--run-dir", run, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (run / "results.md").read_text()
     assert "| ctrl |" in table and "| calibrated |" in table and "| reference |" in table
+    # CTRL against calibrated RLHF, paired: W(A) and W(B) recomputed from the saved samples' scores
+    rows = json.loads((run / "results.json").read_text())
+    ref_scores = ReferencePool.load(run / "pool_eval").scores
+    (sampling, bon), = [json.loads((run / "differences.json").read_text())]
+    assert (sampling["a"], sampling["b"], bon["procedure"], bon["n"]) == ("ctrl", "calibrated", "bon", 4)
+    for d in (sampling, bon):
+        for side, name in (("policy", "ctrl"), ("baseline", "calibrated")):
+            assert d[side] == pytest.approx(inference_time_win_rate(
+                np.asarray(rows[name]["scores"]), ref_scores, d["procedure"], d["n"]))
+        assert d["minimum_detectable"] > 0
+    assert "| ctrl - calibrated | BoN_4 |" in table
+    assert rows["ctrl"]["kl_by_prompt"]["p10"] <= rows["ctrl"]["kl_by_prompt"]["p90"]
+    # learning curves: a probe after each of the 2 steps, with the prediction at the probe's KL
+    assert [c["step"] for c in rows["ctrl"]["curve"]] == [1, 2]
+    assert "| calibrated | 2 |" in (run / "learning_curves.md").read_text()
+    assert (run / "learning_curves.png").stat().st_size > 1000
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("ctrl/probe_win_rate" in r for r in logged)
+    assert all(r["ctrl/update_seconds"] > 0 for r in logged if "ctrl/update_seconds" in r)
     assert (run / "win_rates.png").stat().st_size > 1000
     record = json.loads((run / "manifest.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["reference.win_rate.bon@2"] == 0.5
@@ -57,6 +80,8 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
         ({"beta": -1.0}, "beta must be positive"),
         ({"methods": ("optimal",), "betas": (0.1,)}, "solved at a KL"),
         ({"methods": ("optimal",), "target_kl": None}, "solved at a KL"),
+        ({"probe_every": -1}, "probe_every must be >= 0"),
+        ({"probe_every": 5, "probe_samples": 2}, "probe_samples"),
     ],
 )
 def test_bad_comparison_settings_fail_before_compute(kwargs, match):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound, blockwise_kl_bound
-from iapo_jax.evaluation.kl import sample_kl
+from iapo_jax.evaluation.kl import per_prompt_kl, sample_kl
 
 P = np.array([0.5, 0.25, 0.125, 0.125])
 Q = np.array([0.25, 0.25, 0.25, 0.25])
@@ -117,3 +117,15 @@ def test_blockwise_bound_counts_a_partial_last_block():
     assert blockwise_kl_bound(6, [17], 32)[0] == pytest.approx(best_of_k_kl_bound(6), abs=1e-15)
     with pytest.raises(ValueError, match="block size M"):
         blockwise_kl_bound(4, [3], 0)
+
+
+def test_per_prompt_kl_is_each_prompts_mean_sequence_kl_in_any_row_order():
+    rng = np.random.default_rng(5)
+    logp, ref_logp = rng.normal(size=(9, 6)), rng.normal(size=(9, 6))
+    mask = np.arange(6)[None, :] < rng.integers(1, 7, size=9)[:, None]
+    ids = np.array([2, 0, 1, 2, 0, 1, 2, 0, 1])
+    per_seq = ((logp - ref_logp) * mask).sum(-1)
+    want = [per_seq[ids == k].mean() for k in range(3)]
+    np.testing.assert_allclose(per_prompt_kl(logp, ref_logp, mask, ids), want, rtol=1e-12)
+    # the per-prompt values average to sample_kl's mean when every prompt has the same count
+    assert np.mean(want) == pytest.approx(sample_kl(logp, ref_logp, mask, prompt_ids=ids)[0])

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
+from iapo_jax.evaluation.paired import differences_table, method_differences
 
 # method -> (transform for best-of-N deployments, transform for worst-of-N deployments)
 METHODS = {
@@ -100,6 +101,12 @@ class CompareConfig:
     """Seed of prompt order, sampling and initialisation."""
     save_policies: bool = True
     """Save each trained policy (HF format) under policies/<name> in the run directory."""
+    probe_every: int = 0
+    """Learning curves: every this many steps (and at the last), evaluate the policy on the held-out
+    prompts with probe_samples fresh samples each; the win rate, its KL and the analytic tool's
+    prediction at that KL go to the metrics and to learning_curves.md/.png (0 = off)."""
+    probe_samples: int = 8
+    """Samples per held-out prompt at each probe (at least deploy_n)."""
 
     def validate(self) -> "CompareConfig":
         if self.procedure not in ("bon", "won", "soft_bon"):
@@ -131,6 +138,12 @@ class CompareConfig:
             raise ValueError(f"eval_samples ({self.eval_samples}) must be at least the largest N of "
                              f"eval_ns and deploy_n ({top}): the unbiased best-/worst-of-N win rate "
                              "draws N distinct samples per side; raise eval_samples or lower N")
+        if self.probe_every < 0:
+            raise ValueError(f"probe_every must be >= 0 (0 = no learning curves), got {self.probe_every}")
+        if self.probe_every and self.probe_samples < max(2, self.deploy_n):
+            raise ValueError(f"probe_samples ({self.probe_samples}) must be at least deploy_n "
+                             f"({self.deploy_n}) and 2: the probe's best-/worst-of-N win rate draws "
+                             "N distinct samples")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps}); or leave it unset "
                              "for 10% of steps")
@@ -191,17 +204,20 @@ def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig)
                               selection=selection)
 
 
-def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key) -> dict:
-    """Win rates of fresh policy samples against the reference pool, and the sample KL."""
+def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key,
+                    samples: int | None = None) -> dict:
+    """Win rates of fresh policy samples (`samples` per prompt, default cfg.eval_samples) against
+    the reference pool, and the sample KL."""
     from iapo_jax.decoding.sampler import sample
-    from iapo_jax.evaluation.kl import sample_kl
+    from iapo_jax.evaluation.kl import per_prompt_kl, sample_kl
 
     import jax
 
     prompts = list(eval_pool.prompts)
-    per = samples_per_call(cfg.eval_samples, len(prompts))
+    samples = samples or cfg.eval_samples
+    per = samples_per_call(samples, len(prompts))
     scores, logp, ref_logp, masks, prompt_ids = [], [], [], [], []
-    for r in range(cfg.eval_samples // per):
+    for r in range(samples // per):
         out = sample(policy, prompts, max_new_tokens=cfg.max_new_tokens, n=per,
                      key=jax.random.fold_in(key, r), tokenizer=tokenizer, ref_model=reference)
         rep = [p for p in prompts for _ in range(per)]
@@ -213,14 +229,34 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
         ref_logp.append(np.asarray(out.ref_logprobs))
     policy_scores = np.concatenate(scores, axis=1)
     # Samples of one prompt share its KL level: the SE clusters by prompt.
-    kl, kl_se = sample_kl(np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks),
-                          prompt_ids=np.concatenate(prompt_ids))
-    result = {"kl": kl, "kl_se": kl_se, "mean_reward": float(policy_scores.mean()), "win_rates": {}}
+    arrays = (np.concatenate(logp), np.concatenate(ref_logp), np.concatenate(masks))
+    kl, kl_se = sample_kl(*arrays, prompt_ids=np.concatenate(prompt_ids))
+    by_prompt = per_prompt_kl(*arrays, np.concatenate(prompt_ids))
+    result = {"kl": kl, "kl_se": kl_se, "mean_reward": float(policy_scores.mean()), "win_rates": {},
+              # how evenly the KL budget is spent over prompts, not only its mean
+              "kl_by_prompt": {q: float(np.quantile(by_prompt, v)) for q, v in
+                               (("p10", 0.1), ("median", 0.5), ("p90", 0.9))},
+              "scores": policy_scores.tolist()}  # for paired comparisons between methods
     for proc in _procedures(cfg):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
             w = _win_rate(policy_scores, eval_pool.scores, proc, n, cfg)
             result["win_rates"][f"{proc}@{n}"] = w.as_dict()
     return result
+
+
+def probe(trainer, method: str, t: float | None, reference, tokenizer, reward, eval_pool,
+          cfg: CompareConfig, key) -> dict:
+    """One learning-curve point: the policy's held-out win rates with probe_samples fresh samples
+    per prompt (the same key at every probe, so the curve's noise is not resampled), its KL, and
+    the analytic tool's win rate at that KL (the gap is prediction - measurement)."""
+    only_deployed = dataclasses.replace(cfg, eval_ns=(cfg.deploy_n,))
+    row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, only_deployed,
+                          key, samples=cfg.probe_samples)
+    deployed = row["win_rates"][f"{cfg.procedure}@{cfg.deploy_n}"]["win_rate"]
+    predicted = predicted_win_rate(method, cfg, row["kl"], t)
+    return {"step": trainer.step, "kl": row["kl"], "win_rate": deployed,
+            "win_rate_sampling": row["win_rates"]["sampling@1"]["win_rate"], "predicted": predicted,
+            "gap": None if predicted is None else predicted - deployed}
 
 
 def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | None = None) -> float | None:
@@ -243,16 +279,19 @@ def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | No
 def results_table(cfg: CompareConfig, rows: dict[str, dict]) -> str:
     """Markdown: one row per policy, win rates with 95% intervals, KL and the prediction."""
     proc, n = cfg.procedure, cfg.deploy_n
-    head = (f"| policy | KL (nats) | mean reward | W (sampling) | W ({proc.upper()}_{n}) | "
-            f"predicted W ({proc.upper()}_{n}) at this KL |\n|---|---|---|---|---|---|\n")
+    head = (f"| policy | KL (nats) | KL by prompt: p10 / median / p90 | mean reward | W (sampling) | "
+            f"W ({proc.upper()}_{n}) | predicted W ({proc.upper()}_{n}) at this KL |\n"
+            "|---|---|---|---|---|---|---|\n")
     lines = []
     for name, r in rows.items():
         w1 = r["win_rates"]["sampling@1"]
         wn = r["win_rates"].get(f"{proc}@{n}")
         fmt = lambda w: f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"  # noqa: E731
         pred = r.get("predicted")
+        spread = r.get("kl_by_prompt")
+        spread = "–" if not spread else f"{spread['p10']:.2f} / {spread['median']:.2f} / {spread['p90']:.2f}"
         lines.append(
-            f"| {name} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['mean_reward']:.3f} | {fmt(w1)} | "
+            f"| {name} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {spread} | {r['mean_reward']:.3f} | {fmt(w1)} | "
             f"{fmt(wn) if wn else '–'} | {'–' if pred is None else f'{pred:.3f}'} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -350,9 +389,17 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                 + (f" (t = {trainer.t:.3g})" if trainer.t else "") + f", beta {mcfg.beta:.3g}"
                 + (" fixed" if mcfg.target_kl is None else f" adapted to KL {mcfg.target_kl}")
                 + f", {mcfg.steps} steps ({mcfg.warmup_steps} warmup)")
+            curve = []
             for _ in ctx.progress(range(mcfg.steps), desc=f"train {name}"):
                 res = trainer.train_step()
-                ctx.log(trainer.step, **{f"{name}/{k}": v for k, v in res.metrics.items()})
+                logged = {f"{name}/{k}": v for k, v in res.metrics.items()}
+                if cfg.probe_every and (trainer.step % cfg.probe_every == 0 or trainer.step == mcfg.steps):
+                    point_t = trainer.t if point else None
+                    curve.append(probe(trainer, method, point_t, reference, tokenizer, reward, eval_pool,
+                                       cfg, jax.random.fold_in(key, 7)))
+                    logged.update({f"{name}/probe_{k}": v for k, v in curve[-1].items()
+                                   if k != "step" and v is not None})
+                ctx.log(trainer.step, **logged)
         with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
                                   jax.random.fold_in(key, 100 + len(rows)))
@@ -366,6 +413,8 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                    predicted=predicted_win_rate(method, cfg, row["kl"], trainer.t if point else None))
         if point:
             row.update(beta=point.beta, beta_for_kl=point.kl)
+        if curve:
+            row["curve"] = curve
         rows[name] = row
         del trainer, policy
     if cfg.is_sweep:
@@ -374,8 +423,19 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         matched = write_sweep_report(cfg, rows, ctx.run_dir)
         log("\nwin rate at matched KL (interpolated along each sweep curve):\n" + matched)
     table = results_table(cfg, rows)
+    differences = []
+    if not cfg.is_sweep and len(cfg.methods) > 1:
+        differences = compare_methods(cfg, rows, eval_pool.scores)
+        table += ("\nDifferences between methods: the same held-out prompts and reference samples, "
+                  "prompts resampled jointly (paired bootstrap):\n\n" + differences_table(differences))
     (ctx.run_dir / "results.md").write_text(table)
     (ctx.run_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
+    if differences:
+        (ctx.run_dir / "differences.json").write_text(json.dumps(differences, indent=2))
+    if any("curve" in r for r in rows.values()):
+        from iapo_jax.evaluation.learning_curves import write_learning_curves
+
+        write_learning_curves(cfg, rows, ctx.run_dir)
     plot_win_rates(cfg, rows, ctx.run_dir / "win_rates.png")
     log("\n" + table)
     metrics: dict[str, Any] = {}
@@ -383,7 +443,19 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         metrics[f"{name}.kl"] = r["kl"]
         for k, w in r["win_rates"].items():
             metrics[f"{name}.win_rate.{k}"] = w["win_rate"]
+    for d in differences:
+        key = f"{d['a']}-{d['b']}.{d['procedure']}@{d['n']}"
+        metrics[f"difference.{key}"] = d["difference"]
+        metrics[f"minimum_detectable.{key}"] = d["minimum_detectable"]
     return metrics
+
+
+def compare_methods(cfg: CompareConfig, rows: dict[str, dict], reference_scores) -> list[dict]:
+    """Paired differences between the trained methods under sampling and the deployment."""
+    scores = {name: np.asarray(r["scores"]) for name, r in rows.items() if name != "reference"}
+    procedures = ("sampling", cfg.procedure)
+    return method_differences(scores, reference_scores, procedures, (cfg.deploy_n,), seed=cfg.seed,
+                              lam=cfg.lam)
 
 
 def evaluate_reference(eval_pool, cfg: CompareConfig) -> dict:

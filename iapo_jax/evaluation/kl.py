@@ -54,3 +54,12 @@ def sample_kl(logp, ref_logp, mask, samples_per_prompt: int | None = None,
     counts = np.bincount(cluster, minlength=num)
     se = np.sqrt(num / (num - 1) * np.sum((sums - counts * mean) ** 2)) / len(per_seq)
     return mean, float(se)
+
+
+def per_prompt_kl(logp, ref_logp, mask, prompt_ids) -> np.ndarray:
+    """The k1 KL estimate of each prompt (mean over its sequences), ordered by prompt id."""
+    logp, ref_logp, mask = (np.asarray(x, dtype=np.float64) for x in (logp, ref_logp, mask))
+    per_seq = np.sum((logp - ref_logp) * mask, axis=-1).reshape(-1)
+    cluster = _clusters(len(per_seq), None, prompt_ids)
+    num = int(cluster.max()) + 1
+    return np.bincount(cluster, weights=per_seq, minlength=num) / np.bincount(cluster, minlength=num)

@@ -51,6 +51,7 @@ def paired_rows(a_scores, b_scores, reference_scores, procedures: Sequence[str],
             rows.append({"procedure": procedure, "n": int(n), "policy": float(wa.mean()),
                          "baseline": float(wb.mean()), "difference": diff.difference,
                          "difference_ci_low": diff.ci_low, "difference_ci_high": diff.ci_high,
+                         "difference_se": diff.se, "minimum_detectable": diff.minimum_detectable,
                          "head_to_head": head.win_rate, "head_to_head_ci_low": head.ci_low,
                          "head_to_head_ci_high": head.ci_high, "num_prompts": diff.num_prompts})
     return rows
@@ -61,10 +62,41 @@ def paired_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
     label = {"sampling": "sampling", "bon": "best-of-N", "won": "worst-of-N", "soft_bon": "soft best-of-N"}
     pct = f"{confidence:.0%}"
     lines = [f"| procedure | N | W(policy) | W(baseline) | difference [{pct}, paired] | "
-             f"W(policy > baseline) [{pct}] |", "|---|---:|---:|---:|---|---|"]
+             f"minimum detectable (80% power) | W(policy > baseline) [{pct}] |",
+             "|---|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(f"| {label[r['procedure']]} | {r['n']} | {r['policy']:.4f} | {r['baseline']:.4f} | "
                      f"{r['difference']:+.4f} [{r['difference_ci_low']:+.4f}, {r['difference_ci_high']:+.4f}] | "
+                     f"{r['minimum_detectable']:.4f} | "
                      f"{r['head_to_head']:.4f} [{r['head_to_head_ci_low']:.4f}, "
                      f"{r['head_to_head_ci_high']:.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def method_differences(scores: dict[str, np.ndarray], reference_scores, procedures: Sequence[str],
+                       ns: Sequence[int], **kwargs) -> list[dict]:
+    """paired_rows for every pair of methods (A listed before B: A - B), named in each row.
+
+    scores: method -> [prompts, samples] scores of its fresh samples, all on the same prompts."""
+    names = list(scores)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for row in paired_rows(scores[a], scores[b], reference_scores, procedures, ns, **kwargs):
+                rows.append({"a": a, "b": b, **row})
+    return rows
+
+
+def differences_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
+    """Markdown of method_differences: A - B with its paired interval and minimum detectable
+    difference, per procedure."""
+    label = {"sampling": "sampling", "bon": "BoN", "won": "WoN", "soft_bon": "soft-BoN"}
+    pct = f"{confidence:.0%}"
+    lines = [f"| A - B | procedure | W(A) | W(B) | A - B [{pct}, paired over prompts] | "
+             "minimum detectable (80% power) | detected |", "|---|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        detected = "yes" if r["difference_ci_low"] > 0 or r["difference_ci_high"] < 0 else "no"
+        lines.append(f"| {r['a']} - {r['b']} | {label[r['procedure']]}_{r['n']} | {r['policy']:.3f} | "
+                     f"{r['baseline']:.3f} | {r['difference']:+.3f} [{r['difference_ci_low']:+.3f}, "
+                     f"{r['difference_ci_high']:+.3f}] | {r['minimum_detectable']:.3f} | {detected} |")
     return "\n".join(lines) + "\n"

@@ -35,6 +35,7 @@ p < 1e-17.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import math
 
 import numpy as np
@@ -263,15 +264,28 @@ def bootstrap_win_rate(
 
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
-    """Mean over prompts of a - b, with a percentile bootstrap interval over prompts."""
+    """Mean over prompts of a - b, with a percentile bootstrap interval over prompts.
+
+    se: the standard deviation of the bootstrap means (the difference's standard error).
+    minimum_detectable: the smallest true difference a two-sided test at the interval's level
+      detects with 80% power, (z_{1 - alpha/2} + z_{0.8}) * se (2.80 se at 95%)."""
 
     difference: float
     ci_low: float
     ci_high: float
     num_prompts: int
+    se: float = float("nan")
+    minimum_detectable: float = float("nan")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def minimum_detectable_difference(se: float, confidence: float = 0.95, power: float = 0.8) -> float:
+    """(z_{1 - alpha/2} + z_power) * se: the true difference a two-sided test at `confidence`
+    finds with probability `power` (normal approximation)."""
+    z = statistics.NormalDist().inv_cdf
+    return float((z(0.5 + confidence / 2.0) + z(power)) * se)
 
 
 def paired_bootstrap_difference(per_prompt_a, per_prompt_b, num_resamples: int = 2000,
@@ -292,5 +306,8 @@ def paired_bootstrap_difference(per_prompt_a, per_prompt_b, num_resamples: int =
     d = a - b
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(num_resamples, len(d)))
-    lo, hi = _percentile_interval(d[idx].mean(axis=1), confidence)
-    return PairedDifference(float(d.mean()), lo, hi, len(d))
+    means = d[idx].mean(axis=1)
+    lo, hi = _percentile_interval(means, confidence)
+    se = float(means.std(ddof=1))
+    return PairedDifference(float(d.mean()), lo, hi, len(d), se,
+                            minimum_detectable_difference(se, confidence))
