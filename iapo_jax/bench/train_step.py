@@ -78,7 +78,28 @@ def run_train_benchmark(cfg, log=_log) -> list[dict]:
                     f"(rollout {record['rollout_s']:.2f}, update {record['update_s']:.2f})")
                 records.append(record)
                 del trainer
+            if cfg.baseline and "full" in cfg.setups:
+                _add_trl_baseline(cfg, records[-len(cfg.setups):], source, dtype, prompts, reward, log)
     return records
+
+
+def _add_trl_baseline(cfg, records: list[dict], source, dtype: str, prompts, reward, log) -> None:
+    """TRL's RLOO step on the same inputs, next to our full fine-tuning record (TRL fine-tunes
+    every weight by default)."""
+    from iapo_jax.bench.trl_baseline import trl_available, trl_rloo_step
+
+    full = next(r for r in records if r["setup"] == "full")
+    if not trl_available():
+        full["baseline"] = "not run: trl is not installed (pip install 'iapo-jax[bench]')"
+        log(f"[bench] {full['baseline']}")
+        return
+    log(f"[bench] {source} {dtype} TRL RLOOTrainer: steps of "
+        f"{cfg.prompts_per_step * cfg.samples_per_prompt} rows x {cfg.rollout_tokens} tokens")
+    full.update(trl_rloo_step(source, dtype, list(prompts), reward,
+                              samples_per_prompt=cfg.samples_per_prompt,
+                              rollout_tokens=cfg.rollout_tokens, repeats=cfg.repeats))
+    full["ratio"] = full["baseline_step_s"] / full["step_s"]
+    log(f"[bench] TRL: {full['baseline_step_s']:.2f} s/step; ours {full['ratio']:.2f}x faster")
 
 
 def train_table(records: list[dict], machine_line: str) -> str:
@@ -90,6 +111,19 @@ def train_table(records: list[dict], machine_line: str) -> str:
         stages = " | ".join(f"{r[f'{s}_s']:.2f}" for s in STAGES)
         out.append(f"| {r['model']} | {r['dtype']} | {r['setup']} | {stages} | {r['step_s']:.2f} | "
                    f"{r['steps_per_hour']:.0f} | {r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    trl = [r for r in records if "baseline_step_s" in r]
+    if trl:
+        out += ["", f"Against {trl[0]['baseline']} (full fine-tuning, same weights, prompts, batch, lengths, "
+                    "dtype and reward, in the same run):", "",
+                "| model | dtype | ours (s/step) | TRL (s/step) | ratio | TRL generation | TRL reward | "
+                "TRL log-probs + update |", "|---|---|---|---|---|---|---|---|"]
+        for r in trl:
+            out.append(f"| {r['model']} | {r['dtype']} | {r['step_s']:.2f} | {r['baseline_step_s']:.2f} | "
+                       f"{r['ratio']:.2f} | {r['baseline_generation_s']:.2f} | {r['baseline_reward_s']:.2f} | "
+                       f"{r['baseline_rest_s']:.2f} |")
+    missing = [r["baseline"] for r in records if isinstance(r.get("baseline"), str) and r["baseline"].startswith("not run")]
+    if missing:
+        out += ["", f"TRL baseline {missing[0]}."]
     if records:
         r = records[0]
         out += ["", f"One step: {r['prompts_per_step']} prompts x {r['samples_per_prompt']} samples x "

@@ -70,7 +70,8 @@ class BenchConfig:
     block_size: int = 8
     """Blockwise CD: tokens per block (M)."""
     baseline: bool = True
-    """Also time transformers' generate (PyTorch) in the same run."""
+    """Also time the PyTorch baseline in the same run: transformers' generate (decode) or TRL's
+    RLOOTrainer (train; needs the `bench` extra)."""
     roofline: bool = True
     """Measure the machine's bandwidth and matmul peak and report roofline fractions."""
     setups: tuple[Literal["full", "lora"], ...] = ("full", "lora")
