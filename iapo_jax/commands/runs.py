@@ -36,13 +36,13 @@ KEY_SETTINGS = {
     "eval": ("policy", "reference", "samples", "procedures", "ns"),
     "theory": ("procedure", "n", "kl", "beta", "transform"),
     "testbed": ("cases", "transforms", "kls", "options"),
-    "bench": ("models", "dtypes", "modes"),
+    "bench": ("target", "models", "dtypes", "modes"),
     "reproduce": ("source",),
     "env": ("steps", "lr", "data", "fsdp", "tensor"),
 }
 # Headline metrics (name patterns, in order), per job; others: the first few metrics.
 HEADLINE_METRICS = {
-    "ctrl": ("kl", "raw_reward", "probe_win_rate", "loss"),
+    "ctrl": ("kl", "raw_reward", "probe_win_rate", "step_seconds"),
     # a beta sweep names its policies "ctrl@beta=0.31"; the first one stands for the sweep
     "compare": ("ctrl*.kl", "ctrl*.win_rate.{procedure}@{deploy_n}",
                 "calibrated*.win_rate.{procedure}@{deploy_n}", "raw*.win_rate.{procedure}@{deploy_n}"),
@@ -52,7 +52,7 @@ HEADLINE_METRICS = {
     "train-scorer": ("*mse*", "*win_rate*"),
     "eval": ("*win_rate*", "kl*"),
     "testbed": ("runs_meeting_target", "runs", "max_abs_win_rate_error"),
-    "bench": ("*tokens_per_s",),
+    "bench": ("*tokens_per_s", "*step_s"),
     "reproduce": ("checks", "mismatches"),
     "env": ("final_loss", "weight_error"),
 }
