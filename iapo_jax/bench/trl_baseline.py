@@ -33,21 +33,10 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
     from trl import RLOOConfig, RLOOTrainer
 
     from iapo_jax import load_tokenizer
-    from iapo_jax.bench.hf_baseline import load_hf_model
 
-    model = load_hf_model(source, dtype).train()
     tokenizer = load_tokenizer(source)
     tokenizer.padding_side = "left"
     clocks = {"generation": 0.0, "reward": 0.0}
-    generate = model.generate
-
-    def timed_generate(*args, **kwargs):
-        t = time.perf_counter()
-        out = generate(*args, **kwargs)
-        clocks["generation"] += time.perf_counter() - t
-        return out
-
-    model.generate = timed_generate
 
     def vader_reward(prompts, completions, **_):
         t = time.perf_counter()
@@ -70,6 +59,16 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
     rows = len(prompts) * samples_per_prompt
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts] * (repeats + 1)})
     with tempfile.TemporaryDirectory() as out:
+        model = _trainable_hf_model(source, dtype, f"{out}/model")
+        generate = model.generate
+
+        def timed_generate(*args, **kwargs):
+            t = time.perf_counter()
+            result = generate(*args, **kwargs)
+            clocks["generation"] += time.perf_counter() - t
+            return result
+
+        model.generate = timed_generate
         args = RLOOConfig(
             output_dir=out, per_device_train_batch_size=rows, num_generations=samples_per_prompt,
             max_completion_length=rollout_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=beta,
@@ -90,3 +89,23 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
     }
     record["baseline_rest_s"] = statistics.median(s["step"] - s["generation"] - s["reward"] for s in timed)
     return record
+
+
+def _trainable_hf_model(source, dtype: str, directory: str):
+    """The PyTorch model in HF format under `directory`, loaded from there.
+
+    TRL builds its reference model from the policy's path, which a GGUF file is not; and a model
+    read from GGUF stays flagged as quantized (though its weights are dequantised floats), which
+    the Trainer refuses to fine-tune. Saving the dense weights once gives both a plain model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from iapo_jax.bench.hf_baseline import load_hf_model
+
+    model = load_hf_model(source, "float32")
+    model.is_quantized, model.hf_quantizer = False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(directory)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).train()
