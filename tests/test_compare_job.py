@@ -47,7 +47,8 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
     assert (run / "learning_curves.png").stat().st_size > 1000
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("ctrl/probe_win_rate" in r for r in logged)
-    assert all(r["ctrl/update_seconds"] > 0 for r in logged if "ctrl/update_seconds" in r)
+    timed = [r["ctrl/update_seconds"] for r in logged if "ctrl/update_seconds" in r]
+    assert len(timed) == 2 and min(timed) > 0  # one row per training step, each timed
     assert (run / "win_rates.png").stat().st_size > 1000
     record = json.loads((run / "manifest.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["reference.win_rate.bon@2"] == 0.5

@@ -28,6 +28,7 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
                   seed: int = 0) -> dict:
     """Seconds per TRL RLOO step (median of `repeats` after one warm-up step), by part."""
     import torch
+    import trl
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -38,7 +39,7 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
     tokenizer.padding_side = "left"
     clocks = {"generation": 0.0, "reward": 0.0}
 
-    def vader_reward(prompts, completions, **_):
+    def scored(prompts, completions, **_):  # the same packaged reward as our step
         t = time.perf_counter()
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         users = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
@@ -76,7 +77,7 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
             activation_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
             seed=seed, disable_dropout=True, dataloader_num_workers=0, shuffle_dataset=False,
         )
-        trainer = RLOOTrainer(model=model, reward_funcs=vader_reward, args=args, train_dataset=data,
+        trainer = RLOOTrainer(model=model, reward_funcs=scored, args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[StepClock()])
         trainer.train()
     timed = steps[1:]
@@ -85,7 +86,7 @@ def trl_rloo_step(source, dtype: str, prompts: list[str], reward, *, samples_per
         "baseline_first_step_s": steps[0]["step"],
         "baseline_generation_s": statistics.median(s["generation"] for s in timed),
         "baseline_reward_s": statistics.median(s["reward"] for s in timed),
-        "baseline": f"trl {__import__('trl').__version__} RLOOTrainer, torch {torch.__version__}",
+        "baseline": f"trl {trl.__version__} RLOOTrainer, torch {torch.__version__}",
     }
     record["baseline_rest_s"] = statistics.median(s["step"] - s["generation"] - s["reward"] for s in timed)
     return record

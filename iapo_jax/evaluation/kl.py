@@ -25,6 +25,12 @@ def _clusters(num_rows: int, samples_per_prompt, prompt_ids) -> np.ndarray | Non
     return None
 
 
+def _sequence_kls(logp, ref_logp, mask) -> np.ndarray:
+    """sum_t (log pi - log pi_ref) over each sequence's real tokens, in float64."""
+    logp, ref_logp, mask = (np.asarray(x, dtype=np.float64) for x in (logp, ref_logp, mask))
+    return np.sum((logp - ref_logp) * mask, axis=-1).reshape(-1)
+
+
 def sample_kl(logp, ref_logp, mask, samples_per_prompt: int | None = None,
               prompt_ids=None) -> tuple[float, float]:
     """Mean and standard error over sequences of sum_t (log pi - log pi_ref) (the k1 estimator).
@@ -40,8 +46,7 @@ def sample_kl(logp, ref_logp, mask, samples_per_prompt: int | None = None,
     for equal n_i is the standard error of the P per-prompt means. Without either, sequences are
     treated as independent (one sample per prompt).
     """
-    logp, ref_logp, mask = (np.asarray(x, dtype=np.float64) for x in (logp, ref_logp, mask))
-    per_seq = np.sum((logp - ref_logp) * mask, axis=-1).reshape(-1)
+    per_seq = _sequence_kls(logp, ref_logp, mask)
     mean = float(per_seq.mean())
     cluster = _clusters(len(per_seq), samples_per_prompt, prompt_ids)
     if cluster is None:
@@ -58,8 +63,7 @@ def sample_kl(logp, ref_logp, mask, samples_per_prompt: int | None = None,
 
 def per_prompt_kl(logp, ref_logp, mask, prompt_ids) -> np.ndarray:
     """The k1 KL estimate of each prompt (mean over its sequences), ordered by prompt id."""
-    logp, ref_logp, mask = (np.asarray(x, dtype=np.float64) for x in (logp, ref_logp, mask))
-    per_seq = np.sum((logp - ref_logp) * mask, axis=-1).reshape(-1)
+    per_seq = _sequence_kls(logp, ref_logp, mask)
     cluster = _clusters(len(per_seq), None, prompt_ids)
     num = int(cluster.max()) + 1
     return np.bincount(cluster, weights=per_seq, minlength=num) / np.bincount(cluster, minlength=num)
