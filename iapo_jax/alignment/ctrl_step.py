@@ -1,8 +1,8 @@
 """The jit-compiled CTRL policy update: a pure function of (trainable, frozen, batch).
 
-Full fine-tuning trains the whole parameter state; LoRA trains low-rank factors merged into the
-frozen base inside the step. beta, clip epsilon and the learning-rate schedule position are traced
-values, so sweeping them never recompiles. With a mesh, the step runs sharded: parameters and
+Full fine-tuning trains the whole parameter state; LoRA trains low-rank factors applied beside the
+frozen base inside the step (models.low_rank). beta, clip epsilon and the learning-rate schedule
+position are traced values, so sweeping them never recompiles. With a mesh, the step runs sharded: parameters and
 optimizer state by their logical names, the rollout rows over data x fsdp (iapo_jax.parallel).
 """
 
@@ -49,9 +49,12 @@ class StepOptions:
     use_clip: bool = False  # PPO-clip ratio objective
 
 
-def policy_state(frozen: nnx.State, trainable: Any, opts: StepOptions) -> nnx.State:
+def policy_state(frozen: nnx.State, trainable: Any, opts: StepOptions, factored: bool = False) -> nnx.State:
+    """The policy's state. factored: LoRA factors stay beside the frozen kernels (for the loss,
+    whose backward then skips the frozen kernels' gradients); otherwise they are merged in."""
     if opts.lora_rank:
-        return lora.merge_lora(frozen, trainable, opts.lora_alpha, opts.lora_rank)
+        attach = lora.attach_lora if factored else lora.merge_lora
+        return attach(frozen, trainable, opts.lora_alpha, opts.lora_rank)
     return trainable
 
 
@@ -63,7 +66,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
     """
 
     def loss_fn(trainable, frozen, batch: RolloutBatch, beta, clip_eps):
-        model = nnx.merge(graphdef, policy_state(frozen, trainable, opts))
+        model = nnx.merge(graphdef, policy_state(frozen, trainable, opts, factored=True))
         logp = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.lengths)
         real = jnp.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
         mask = real.astype(jnp.float32)

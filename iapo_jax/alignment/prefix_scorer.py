@@ -206,7 +206,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
     """
 
     def model_of(trainable, frozen):
-        return nnx.merge(graphdef, merged_state(frozen, trainable, finetune))
+        return nnx.merge(graphdef, merged_state(frozen, trainable, finetune, factored=True))
 
     def targets(trainable, frozen, batch):
         if method != "cdq":

@@ -31,6 +31,7 @@ from iapo_jax.models.attention import (
 )
 from iapo_jax.models.config import ModelConfig
 from iapo_jax.models.kv_cache import KVCache
+from iapo_jax.models.low_rank import dense
 from iapo_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 LOGICAL_AXES = ("layers", "vocab", "embed", "mlp", "q_heads", "kv_heads", "head_dim", "position")
@@ -257,35 +258,27 @@ def _decoder_layer(c: ModelConfig, x, w, rope, B, T, keys_values, extra):
     return x + _mlp(c, h, w), extra
 
 
-def _dense(x, kernel, bias=None):
-    """x [N, in] @ kernel [in, ...] (flattened) with float32 accumulation, in x's dtype."""
-    y = jnp.matmul(x, kernel.reshape(x.shape[-1], -1), preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.reshape(-1)
-    return y.astype(x.dtype)
-
-
 def _attention(c: ModelConfig, h, w, rope, B, T, keys_values, extra):
     Hkv, G, Dh = c.num_kv_heads, c.num_groups, c.head_dim
-    q = _dense(h, w["q"], w.get("q_bias")).reshape(B, T, Hkv, G, Dh)
-    k = _dense(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh)
-    v = _dense(h, w["v"], w.get("v_bias")).reshape(B, T, Hkv, Dh)
+    q = dense(h, w["q"], w.get("q_bias")).reshape(B, T, Hkv, G, Dh)
+    k = dense(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh)
+    v = dense(h, w["v"], w.get("v_bias")).reshape(B, T, Hkv, Dh)
     if rope is not None:
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values, mask, extra = keys_values(k, v, extra)
     out = grouped_attention(q, keys, values, mask, scale=Dh**-0.5)
-    return _dense(out.reshape(B * T, -1), w["o"], w.get("o_bias")), extra
+    return dense(out.reshape(B * T, -1), w["o"], w.get("o_bias")), extra
 
 
 def _mlp(c: ModelConfig, h, w):
-    up = _dense(h, w["up"], w.get("up_bias"))
+    up = dense(h, w["up"], w.get("up_bias"))
     if c.family == "llama":
-        gate = _dense(h, w["gate"], w.get("gate_bias"))
+        gate = dense(h, w["gate"], w.get("gate_bias"))
         act = _activation(c.activation, gate.astype(jnp.float32)).astype(h.dtype) * up
     else:
         act = _activation(c.activation, up.astype(jnp.float32)).astype(h.dtype)
-    return _dense(act, w["down"], w.get("down_bias"))
+    return dense(act, w["down"], w.get("down_bias"))
 
 
 def _activation(name: str, x):

@@ -162,7 +162,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
             h_c, h_r, gap = batch
             rc, rr = project(trainable, h_c), project(trainable, h_r)
         else:
-            model = nnx.merge(graphdef, merged_state(frozen, trainable, finetune))
+            model = nnx.merge(graphdef, merged_state(frozen, trainable, finetune, factored=True))
             ids = jnp.concatenate([batch.chosen_ids, batch.rejected_ids])
             mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
             rc, rr = jnp.split(model.score(ids, mask), 2)

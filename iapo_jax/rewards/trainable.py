@@ -122,13 +122,18 @@ def split_for_training(model: nnx.Module, spec: Finetune, key: jax.Array):
     return graphdef, state, trainable
 
 
-def merged_state(frozen, trainable, spec: Finetune) -> nnx.State:
-    """The model's full state from (frozen, trainable); pure, usable inside jit."""
+def merged_state(frozen, trainable, spec: Finetune, factored: bool = False) -> nnx.State:
+    """The model's full state from (frozen, trainable); pure, usable inside jit.
+
+    factored: LoRA factors stay beside the frozen kernels (models.low_rank), for losses, whose
+    backward then skips the frozen kernels' gradients; otherwise they are merged in.
+    """
     if spec.mode == "full":
         return trainable
     state = frozen
     if spec.mode == "lora":
-        state = lora.merge_lora(state, trainable["lora"], spec.lora_alpha, spec.lora_rank)
+        attach = lora.attach_lora if factored else lora.merge_lora
+        state = attach(state, trainable["lora"], spec.lora_alpha, spec.lora_rank)
     flat = []
     for path, var in nnx.to_flat_state(state):
         name = _name(path)
