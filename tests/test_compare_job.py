@@ -25,14 +25,14 @@ def _iapo(*args, cwd):
 def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tmp_path):
     run = tmp_path / "run"
     done = _iapo("compare", "--model", tiny_chat_llama_dir, *ARGS, "--probe-every", 1, "--probe-samples", 4,
-                 "--run-dir", run, cwd=tmp_path)
+                 "--judges", "textblob", "--run-dir", run, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (run / "results.md").read_text()
     assert "| ctrl |" in table and "| calibrated |" in table and "| reference |" in table
     # CTRL against calibrated RLHF, paired: W(A) and W(B) recomputed from the saved samples' scores
     rows = json.loads((run / "results.json").read_text())
     ref_scores = ReferencePool.load(run / "pool_eval").scores
-    (sampling, bon), = [json.loads((run / "differences.json").read_text())]
+    (sampling, bon), = [[d for d in json.loads((run / "differences.json").read_text()) if "judge" not in d]]
     assert (sampling["a"], sampling["b"], bon["procedure"], bon["n"]) == ("ctrl", "calibrated", "bon", 4)
     for d in (sampling, bon):
         for side, name in (("policy", "ctrl"), ("baseline", "calibrated")):
@@ -40,6 +40,16 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
                 np.asarray(rows[name]["scores"]), ref_scores, d["procedure"], d["n"]))
         assert d["minimum_detectable"] > 0
     assert "| ctrl - calibrated | BoN_4 |" in table
+    # A judge rescores the same samples; best-of-4 still selects on the training reward (length).
+    assert "Judged by textblob" in table and "judged by textblob" in table
+    judged_ref = np.asarray(rows["reference"]["judges"]["textblob"]["scores"])
+    for name in ("ctrl", "calibrated"):
+        judged = rows[name]["judges"]["textblob"]
+        assert judged["win_rates"]["bon@4"]["win_rate"] == pytest.approx(inference_time_win_rate(
+            np.asarray(judged["scores"]), judged_ref, "bon", 4,
+            selection=(np.asarray(rows[name]["scores"]), ref_scores)))
+    judged_diffs = [d for d in json.loads((run / "differences.json").read_text()) if d.get("judge")]
+    assert [(d["judge"], d["procedure"]) for d in judged_diffs] == [("textblob", "sampling"), ("textblob", "bon")]
     assert rows["ctrl"]["kl_by_prompt"]["p10"] <= rows["ctrl"]["kl_by_prompt"]["p90"]
     # learning curves: a probe after each of the 2 steps, with the prediction at the probe's KL
     assert [c["step"] for c in rows["ctrl"]["curve"]] == [1, 2]
@@ -52,6 +62,8 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
     assert (run / "win_rates.png").stat().st_size > 1000
     record = json.loads((run / "manifest.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["reference.win_rate.bon@2"] == 0.5
+    assert record["metrics"]["reference.judge.textblob.win_rate.bon@4"] == 0.5
+    assert "judge_0" in record["fingerprints"]
     assert {"pool_train", "pool_eval", "train_prompts"} <= set(record["data"])
 
     again = _iapo("reproduce", run, "--run-dir", tmp_path / "again", cwd=tmp_path)
@@ -83,6 +95,8 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
         ({"methods": ("optimal",), "target_kl": None}, "solved at a KL"),
         ({"probe_every": -1}, "probe_every must be >= 0"),
         ({"probe_every": 5, "probe_samples": 2}, "probe_samples"),
+        ({"judges": ("nosuch",)}, "unknown reward 'nosuch' in --judges"),
+        ({"judges": ("vader", "vader")}, "judges must be distinct"),
     ],
 )
 def test_bad_comparison_settings_fail_before_compute(kwargs, match):

@@ -45,6 +45,30 @@ def test_unbiased_estimator_equals_enumeration_of_all_subsets_with_ties(procedur
     assert got == pytest.approx(_brute(A_TIES[0], B_TIES[0], procedure, n, subsets=True), abs=1e-12)
 
 
+@pytest.mark.parametrize("procedure,n", [("sampling", 1), ("bon", 2), ("bon", 3), ("won", 2), ("won", 4)])
+def test_selecting_on_one_reward_and_judging_with_another_equals_enumeration(procedure, n):
+    """Best-/worst-of-N served by a selection reward (e.g. a learned one) and judged by another:
+    the estimator equals the average over every pair of N-subsets of the judged values of the
+    responses the selection serves."""
+    rng = np.random.default_rng(3)
+    judged_a, judged_b = rng.integers(0, 3, (2, 6)).astype(float), rng.integers(0, 3, (2, 5)).astype(float)
+    select_a, select_b = rng.normal(size=(2, 6)), rng.normal(size=(2, 5))
+    got = per_prompt_win_rates(judged_a, judged_b, procedure, n, selection=(select_a, select_b))
+    for p in range(2):
+        k = 1 if procedure == "sampling" else n
+        pick = np.argmax if procedure != "won" else np.argmin
+
+        def served(judged, select):
+            return [judged[list(t)][pick(select[list(t)])] for t in itertools.combinations(range(len(judged)), k)]
+
+        sa, sb = served(judged_a[p], select_a[p]), served(judged_b[p], select_b[p])
+        want = float(np.mean([_h(x, y) for x in sa for y in sb]))
+        assert got[p] == pytest.approx(want, abs=1e-12)
+    # selecting on the judged values themselves is the plain estimator
+    same = per_prompt_win_rates(judged_a, judged_b, procedure, n, selection=(judged_a, judged_b))
+    np.testing.assert_allclose(same, per_prompt_win_rates(judged_a, judged_b, procedure, n), atol=1e-12)
+
+
 @pytest.mark.parametrize("procedure,n", [("sampling", 1), ("bon", 2), ("bon", 3), ("won", 3)])
 def test_plugin_estimator_equals_enumeration_with_replacement(procedure, n):
     got = per_prompt_win_rates(A_TIES, B_TIES, procedure, n, estimator="plugin")[0]

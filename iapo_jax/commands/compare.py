@@ -36,8 +36,12 @@ def run_as(job: str, cfg: CompareConfig) -> dict:
     source = resolve_model_source(cfg.model)
     spec = reward_spec(cfg.reward, policy=source)
     reward = build_reward(spec)
+    judge_specs = {j: reward_spec(j, policy=source, flag="--judges") for j in cfg.judges}
+    judges = {j: build_reward(s) for j, s in judge_specs.items()}
     with job_context(job, cfg) as ctx:
         ctx.fingerprint_model("model", source)
         record_reward(ctx, "reward", spec)
+        for i, judge_spec in enumerate(judge_specs.values()):
+            record_reward(ctx, f"judge_{i}", judge_spec)
         return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr), reward=reward,
-                              model_source=source)
+                              model_source=source, judges=judges)

@@ -50,6 +50,10 @@ class CompareConfig:
     reward: str = "vader"
     """Reward spec: a packaged scorer (vader, textblob, harmlessness, length[:key=value]), an
     `iapo train-rm` or `iapo train-scorer` run directory, or a weighted sum (0.7*vader+0.3*RUN)."""
+    judges: tuple[str, ...] = ()
+    """Reward specs that only judge, never train: the reference's and every policy's held-out
+    samples are rescored with each, with win rates and paired differences per judge. They check a
+    learned training reward for over-optimisation (--reward runs/rm1 --judges vader textblob)."""
     procedure: str = "bon"
     """Deployment procedure: bon (best-of-N), won (worst-of-N) or soft_bon (soft best-of-N, --lam)."""
     deploy_n: int = 4
@@ -147,6 +151,12 @@ class CompareConfig:
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps}); or leave it unset "
                              "for 10% of steps")
+        if len(set(self.judges)) != len(self.judges):
+            raise ValueError(f"judges must be distinct (got {list(self.judges)})")
+        from iapo_jax.rewards.spec import parse_reward_spec
+
+        for judge in self.judges:  # names, options and paths; RewardSpecError is a ValueError
+            parse_reward_spec(judge, flag="--judges")
         self.ctrl_config("ctrl" if "ctrl" in self.methods else self.methods[0]).validate()
         return self
 
@@ -193,21 +203,46 @@ def _procedures(cfg: CompareConfig) -> tuple[str, ...]:
     return ("sampling", "bon", "won") + (("soft_bon",) if cfg.procedure == "soft_bon" else ())
 
 
-def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig):
-    """bootstrap_win_rate; soft_bon selects on the calibration against the evaluation pool."""
+def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig, judged=None):
+    """bootstrap_win_rate; soft_bon selects on the calibration against the evaluation pool.
+
+    judged: (policy, reference) scores of a judge. The procedure still selects on the training
+    reward's scores; the judge scores what it serves."""
     from iapo_jax.evaluation.win_rates import bootstrap_win_rate, pool_calibration
 
+    a, b = (policy_scores, pool_scores) if judged is None else judged
     if proc != "soft_bon":
-        return bootstrap_win_rate(policy_scores, pool_scores, proc, n, seed=cfg.seed)
+        selection = None if judged is None else (policy_scores, pool_scores)
+        return bootstrap_win_rate(a, b, proc, n, seed=cfg.seed, selection=selection)
     selection = (pool_calibration(policy_scores, pool_scores), pool_calibration(pool_scores, pool_scores))
-    return bootstrap_win_rate(policy_scores, pool_scores, proc, n, seed=cfg.seed, lam=cfg.lam,
-                              selection=selection)
+    return bootstrap_win_rate(a, b, proc, n, seed=cfg.seed, lam=cfg.lam, selection=selection)
+
+
+def judge_scores(judge, prompts, responses) -> np.ndarray:
+    """[P, k] scores of a judge on k responses per prompt (prompt-major lists)."""
+    from iapo_jax.rewards.base import check_scores
+
+    texts = [t for row in responses for t in row]
+    rep = [p for p, row in zip(prompts, responses) for _ in row]
+    scores = check_scores(judge.score(rep, texts), len(texts), getattr(judge, "name", "judge"))
+    return np.asarray(scores, np.float32).reshape(len(prompts), -1)
+
+
+def judged_row(judged, judged_ref, policy_scores, pool_scores, cfg: CompareConfig) -> dict:
+    """A judge's view of one policy: its mean score and the win rates under sampling and the
+    deployment, with the deployment selecting on the training reward."""
+    rates = {}
+    for proc, n in (("sampling", 1), (cfg.procedure, cfg.deploy_n)):
+        w = _win_rate(policy_scores, pool_scores, proc, n, cfg, judged=(judged, judged_ref))
+        rates[f"{proc}@{n}"] = w.as_dict()
+    return {"mean_reward": float(np.mean(judged)), "win_rates": rates, "scores": np.asarray(judged).tolist()}
 
 
 def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key,
-                    samples: int | None = None) -> dict:
+                    samples: int | None = None, judges: dict | None = None) -> dict:
     """Win rates of fresh policy samples (`samples` per prompt, default cfg.eval_samples) against
-    the reference pool, and the sample KL."""
+    the reference pool, and the sample KL. judges: name -> (judge reward, its [P, m] scores of the
+    reference's evaluation samples); each rescores the policy's samples (row['judges'])."""
     from iapo_jax.decoding.sampler import sample
     from iapo_jax.evaluation.kl import per_prompt_kl, sample_kl
 
@@ -216,13 +251,14 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     prompts = list(eval_pool.prompts)
     samples = samples or cfg.eval_samples
     per = samples_per_call(samples, len(prompts))
-    scores, logp, ref_logp, masks, prompt_ids = [], [], [], [], []
+    scores, logp, ref_logp, masks, prompt_ids, texts = [], [], [], [], [], []
     for r in range(samples // per):
         out = sample(policy, prompts, max_new_tokens=cfg.max_new_tokens, n=per,
                      key=jax.random.fold_in(key, r), tokenizer=tokenizer, ref_model=reference)
         rep = [p for p in prompts for _ in range(per)]
         prompt_ids.append(np.repeat(np.arange(len(prompts)), per))  # each call: prompt-major rows
         scores.append(np.asarray(reward.score(rep, list(out.texts)), np.float32).reshape(len(prompts), per))
+        texts.append(np.asarray(list(out.texts), dtype=object).reshape(len(prompts), per))
         lengths = np.asarray(out.lengths)
         masks.append(np.arange(out.tokens.shape[1])[None, :] < lengths[:, None])
         logp.append(np.asarray(out.raw_logprobs))
@@ -241,6 +277,12 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
             w = _win_rate(policy_scores, eval_pool.scores, proc, n, cfg)
             result["win_rates"][f"{proc}@{n}"] = w.as_dict()
+    if judges:
+        responses = np.concatenate(texts, axis=1).tolist()
+        result["judges"] = {
+            name: judged_row(judge_scores(judge, prompts, responses), judged_ref, policy_scores,
+                             eval_pool.scores, cfg)
+            for name, (judge, judged_ref) in judges.items()}
     return result
 
 
@@ -323,11 +365,12 @@ POLICIES_DIR = "policies"
 
 
 def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, *,
-                   reward=None, model_source: str | None = None) -> dict[str, Any]:
+                   reward=None, model_source: str | None = None, judges: dict | None = None) -> dict[str, Any]:
     """Runs the whole pipeline inside a JobContext `ctx`; returns the flat final metrics.
 
     reward: the built reward (default: built from the cfg.reward spec); model_source: the resolved
-    reference model (default: cfg.model).
+    reference model (default: cfg.model); judges: cfg.judges' built rewards by spec (default:
+    built from the specs).
     """
     import jax
     from flax import nnx
@@ -342,6 +385,8 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
     spec = parse_reward_spec(cfg.reward)
     if reward is None:  # fails fast when the rewards extra is missing
         reward = build_reward(spec)
+    if judges is None:
+        judges = {j: build_reward(parse_reward_spec(j)) for j in cfg.judges}
     source = model_source or cfg.model
     train = load_chat_prompts("train", limit=cfg.train_prompts, seed=cfg.seed)
     held_out = load_chat_prompts("eval", limit=cfg.eval_prompts, seed=cfg.seed)
@@ -372,7 +417,12 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         eval_pool.save(ctx.run_dir / "pool_eval")
         ctx.add_data("pool_train", pool.fingerprint())
         ctx.add_data("pool_eval", eval_pool.fingerprint())
-    rows: dict[str, dict] = {"reference": evaluate_reference(eval_pool, cfg)}
+    judged = {}
+    if judges:
+        with ctx.timer("judge_reference"):
+            judged = {name: (judge, judge_scores(judge, eval_pool.prompts, eval_pool.responses))
+                      for name, judge in judges.items()}
+    rows: dict[str, dict] = {"reference": evaluate_reference(eval_pool, cfg, judged)}
     if cfg.is_sweep:
         from iapo_jax.evaluation.kl_sweep import sweep_points
 
@@ -402,7 +452,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                 ctx.log(trainer.step, **logged)
         with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
-                                  jax.random.fold_in(key, 100 + len(rows)))
+                                  jax.random.fold_in(key, 100 + len(rows)), judges=judged)
         if cfg.save_policies and ctx.is_main:
             from iapo_jax.models.checkpoints import save_hf
 
@@ -428,6 +478,12 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         differences = compare_methods(cfg, rows, eval_pool.scores)
         table += ("\nDifferences between methods: the same held-out prompts and reference samples, "
                   "prompts resampled jointly (paired bootstrap):\n\n" + differences_table(differences))
+    for name, (_, judged_ref) in judged.items():
+        table += "\n" + judged_table(cfg, rows, name)
+        if not cfg.is_sweep and len(cfg.methods) > 1:
+            rows_j = compare_methods(cfg, rows, eval_pool.scores, judge=(name, judged_ref))
+            differences += [{**d, "judge": name} for d in rows_j]
+            table += "\nDifferences between methods judged by " + name + ":\n\n" + differences_table(rows_j)
     (ctx.run_dir / "results.md").write_text(table)
     (ctx.run_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
     if differences:
@@ -443,26 +499,58 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         metrics[f"{name}.kl"] = r["kl"]
         for k, w in r["win_rates"].items():
             metrics[f"{name}.win_rate.{k}"] = w["win_rate"]
+        for judge, jr in r.get("judges", {}).items():
+            for k, w in jr["win_rates"].items():
+                metrics[f"{name}.judge.{judge}.win_rate.{k}"] = w["win_rate"]
     for d in differences:
         key = f"{d['a']}-{d['b']}.{d['procedure']}@{d['n']}"
+        if "judge" in d:
+            key = f"judge.{d['judge']}.{key}"
         metrics[f"difference.{key}"] = d["difference"]
         metrics[f"minimum_detectable.{key}"] = d["minimum_detectable"]
     return metrics
 
 
-def compare_methods(cfg: CompareConfig, rows: dict[str, dict], reference_scores) -> list[dict]:
-    """Paired differences between the trained methods under sampling and the deployment."""
-    scores = {name: np.asarray(r["scores"]) for name, r in rows.items() if name != "reference"}
+def compare_methods(cfg: CompareConfig, rows: dict[str, dict], reference_scores,
+                    judge: tuple[str, np.ndarray] | None = None) -> list[dict]:
+    """Paired differences between the trained methods under sampling and the deployment.
+
+    judge: (name, its scores of the reference samples): the differences as that judge sees them,
+    with the deployment selecting on the training reward."""
+    trained = {name: r for name, r in rows.items() if name != "reference"}
+    scores = {name: np.asarray(r["scores"]) for name, r in trained.items()}
     procedures = ("sampling", cfg.procedure)
-    return method_differences(scores, reference_scores, procedures, (cfg.deploy_n,), seed=cfg.seed,
-                              lam=cfg.lam)
+    if judge is None:
+        return method_differences(scores, reference_scores, procedures, (cfg.deploy_n,), seed=cfg.seed,
+                                  lam=cfg.lam)
+    name, judged_ref = judge
+    judged = {m: np.asarray(r["judges"][name]["scores"]) for m, r in trained.items()}
+    return method_differences(judged, judged_ref, procedures, (cfg.deploy_n,), seed=cfg.seed, lam=cfg.lam,
+                              selection=(scores, reference_scores))
 
 
-def evaluate_reference(eval_pool, cfg: CompareConfig) -> dict:
+def judged_table(cfg: CompareConfig, rows: dict[str, dict], judge: str) -> str:
+    """Markdown: every policy as one judge sees it."""
+    proc, n = cfg.procedure, cfg.deploy_n
+    fmt = lambda w: f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"  # noqa: E731
+    lines = [f"Judged by {judge} (the deployment still selects on the training reward, {cfg.reward}):", "",
+             f"| policy | mean {judge} | W (sampling) | W ({proc.upper()}_{n}) |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        j = r["judges"][judge]
+        lines.append(f"| {name} | {j['mean_reward']:.3f} | {fmt(j['win_rates']['sampling@1'])} | "
+                     f"{fmt(j['win_rates'][f'{proc}@{n}'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_reference(eval_pool, cfg: CompareConfig, judged: dict | None = None) -> dict:
     """The reference against itself: KL 0 and win rates of exactly one half (a sanity row)."""
     rows = {}
     for proc in _procedures(cfg):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
             rows[f"{proc}@{n}"] = _win_rate(eval_pool.scores, eval_pool.scores, proc, n, cfg).as_dict()
-    return {"kl": 0.0, "kl_se": 0.0, "mean_reward": float(eval_pool.scores.mean()), "win_rates": rows,
-            "predicted": None, "t": None}
+    out = {"kl": 0.0, "kl_se": 0.0, "mean_reward": float(eval_pool.scores.mean()), "win_rates": rows,
+           "predicted": None, "t": None}
+    if judged:
+        out["judges"] = {name: judged_row(ref, ref, eval_pool.scores, eval_pool.scores, cfg)
+                         for name, (_, ref) in judged.items()}
+    return out

@@ -30,6 +30,12 @@ N-subset). By the Gumbel-max form (serve argmax s_j + lam G_j),
 K(z) = exp(-e^-z) the Gumbel CDF, p = K', e_k the elementary symmetric polynomial (a stable
 recursion of sums of positive terms). The z integral is Gauss-Legendre on [-5, 40], beyond which
 p < 1e-17.
+
+Selecting on one reward and judging with another (a learned reward serves best-of-N; a second
+scorer judges what it served): pass `selection` = (policy, reference) selection scores. Every
+procedure then serves by the selection scores and compares the judged ones. For bon and won the
+served rank weights attach to the samples sorted by selection (ties broken by judged value), so
+the estimator stays the same U-statistic.
 """
 
 from __future__ import annotations
@@ -174,7 +180,16 @@ def _plugin(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarray:
     return out
 
 
-def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarray:
+def _sort_by(values: np.ndarray, key: np.ndarray | None) -> np.ndarray:
+    """values sorted along axis 1 by key (then by value, so ties in the key are broken the same
+    way whatever the input order); by value when key is None."""
+    if key is None:
+        return np.sort(values, axis=1)
+    order = np.lexsort((values, key), axis=1)
+    return np.take_along_axis(values, order, axis=1)
+
+
+def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int, sel_a=None, sel_b=None) -> np.ndarray:
     ca, total_a = _served_rank_counts(a.shape[1], procedure, n)
     cb, total_b = _served_rank_counts(b.shape[1], procedure, n)
     # With integer subset counts and 2h in {0, 1, 2}, every partial sum is an integer; below 2^53
@@ -187,9 +202,9 @@ def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int) -> np.ndarra
         wa = np.array([c / total_a for c in ca], np.float64)
         wb = np.array([c / total_b for c in cb], np.float64)
         scale = 2.0
-    a, b = np.sort(a, axis=1), np.sort(b, axis=1)
+    a, b = _sort_by(a, sel_a), _sort_by(b, sel_b)
     # Weights attach to sorted positions, so tied values simply share their mass: the comparison
-    # below depends only on the values. Chunks bound the [rows, n_a, n_b] comparison array.
+    # below depends only on the values (with a selection key, on the values in its order). Chunks bound the [rows, n_a, n_b] comparison array.
     rows = max(1, (1 << 22) // max(1, a.shape[1] * b.shape[1]))
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], rows):
@@ -203,8 +218,8 @@ def per_prompt_win_rates(policy_scores, reference_scores, procedure: str = "samp
                          estimator: str = "unbiased", *, lam: float | None = None, selection=None):
     """W_r(T(pi) > T(pi_ref) | x) for each prompt; scores are [P, n_a] and [P, n_b] arrays.
 
-    soft_bon: lam is its temperature; selection = (policy, reference) arrays shaped like the
-    scores that it selects on (default: the scores)."""
+    selection = (policy, reference) arrays shaped like the scores that the procedure selects on
+    (default: the scores themselves); soft_bon: lam is its temperature."""
     _check(procedure, n, estimator, lam)
     n = int(n)
     a = np.asarray(policy_scores, dtype=np.float64)
@@ -216,13 +231,17 @@ def per_prompt_win_rates(policy_scores, reference_scores, procedure: str = "samp
         )
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("scores contain NaN; check the reward function's output")
+    sel_a, sel_b = (None, None) if selection is None else (np.asarray(x, np.float64) for x in selection)
+    for x, like in ((sel_a, a), (sel_b, b)):
+        if x is not None and (x.shape != like.shape or not np.all(np.isfinite(x))):
+            raise ValueError(f"selection scores must be finite and shaped like the scores {like.shape}")
     if procedure == "soft_bon":
-        sel_a, sel_b = (None, None) if selection is None else (np.asarray(x, np.float64) for x in selection)
-        for x, like in ((sel_a, a), (sel_b, b)):
-            if x is not None and (x.shape != like.shape or not np.all(np.isfinite(x))):
-                raise ValueError(f"selection scores must be finite and shaped like the scores {like.shape}")
         return _soft_bon(a, b, n, check_lam(lam), sel_a, sel_b)
-    return (_unbiased if estimator == "unbiased" else _plugin)(a, b, procedure, n)
+    if estimator == "unbiased":
+        return _unbiased(a, b, procedure, n, sel_a, sel_b)
+    if selection is not None:
+        raise ValueError("selection scores need the unbiased estimator; use estimator='unbiased'")
+    return _plugin(a, b, procedure, n)
 
 
 def inference_time_win_rate(policy_scores, reference_scores, procedure="sampling", n=1,
