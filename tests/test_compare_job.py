@@ -53,7 +53,9 @@ def test_compare_writes_table_plot_record_and_reproduces(tiny_chat_llama_dir, tm
     assert rows["ctrl"]["kl_by_prompt"]["p10"] <= rows["ctrl"]["kl_by_prompt"]["p90"]
     # learning curves: a probe after each of the 2 steps, with the prediction at the probe's KL
     assert [c["step"] for c in rows["ctrl"]["curve"]] == [1, 2]
-    assert "| calibrated | 2 |" in (run / "learning_curves.md").read_text()
+    curves = (run / "learning_curves.md").read_text()
+    assert "| calibrated | 2 |" in curves and "judged by textblob |" in curves
+    assert 0.0 <= rows["ctrl"]["curve"][-1]["judges"]["textblob"] <= 1.0
     assert (run / "learning_curves.png").stat().st_size > 1000
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("ctrl/probe_win_rate" in r for r in logged)

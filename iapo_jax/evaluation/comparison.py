@@ -287,18 +287,23 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
 
 
 def probe(trainer, method: str, t: float | None, reference, tokenizer, reward, eval_pool,
-          cfg: CompareConfig, key) -> dict:
+          cfg: CompareConfig, key, judges: dict | None = None) -> dict:
     """One learning-curve point: the policy's held-out win rates with probe_samples fresh samples
     per prompt (the same key at every probe, so the curve's noise is not resampled), its KL, and
-    the analytic tool's win rate at that KL (the gap is prediction - measurement)."""
+    the analytic tool's win rate at that KL (the gap is prediction - measurement); with judges,
+    each judge's win rate under the deployment too."""
     only_deployed = dataclasses.replace(cfg, eval_ns=(cfg.deploy_n,))
     row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, only_deployed,
-                          key, samples=cfg.probe_samples)
-    deployed = row["win_rates"][f"{cfg.procedure}@{cfg.deploy_n}"]["win_rate"]
+                          key, samples=cfg.probe_samples, judges=judges)
+    deployed_key = f"{cfg.procedure}@{cfg.deploy_n}"
+    deployed = row["win_rates"][deployed_key]["win_rate"]
     predicted = predicted_win_rate(method, cfg, row["kl"], t)
-    return {"step": trainer.step, "kl": row["kl"], "win_rate": deployed,
-            "win_rate_sampling": row["win_rates"]["sampling@1"]["win_rate"], "predicted": predicted,
-            "gap": None if predicted is None else predicted - deployed}
+    point = {"step": trainer.step, "kl": row["kl"], "win_rate": deployed,
+             "win_rate_sampling": row["win_rates"]["sampling@1"]["win_rate"], "predicted": predicted,
+             "gap": None if predicted is None else predicted - deployed}
+    if judges:
+        point["judges"] = {name: j["win_rates"][deployed_key]["win_rate"] for name, j in row["judges"].items()}
+    return point
 
 
 def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | None = None) -> float | None:
@@ -446,9 +451,11 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                 if cfg.probe_every and (trainer.step % cfg.probe_every == 0 or trainer.step == mcfg.steps):
                     point_t = trainer.t if point else None
                     curve.append(probe(trainer, method, point_t, reference, tokenizer, reward, eval_pool,
-                                       cfg, jax.random.fold_in(key, 7)))
+                                       cfg, jax.random.fold_in(key, 7), judges=judged))
                     logged.update({f"{name}/probe_{k}": v for k, v in curve[-1].items()
-                                   if k != "step" and v is not None})
+                                   if k not in ("step", "judges") and v is not None})
+                    logged.update({f"{name}/probe_judge.{j}_win_rate": v
+                                   for j, v in curve[-1].get("judges", {}).items()})
                 ctx.log(trainer.step, **logged)
         with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,

@@ -7,19 +7,23 @@ predicts, and how fast; the KL column shows how the budget is spent on the way.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 
 def curves_table(cfg, rows: dict[str, dict]) -> str:
     proc = f"{cfg.procedure.upper()}_{cfg.deploy_n}"
+    judges = list(getattr(cfg, "judges", ()))
     lines = [f"| method | step | KL (nats) | W (sampling) | W ({proc}) | predicted W ({proc}) at this KL | "
-             "gap |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "gap |" + "".join(f" W ({proc}) judged by {j} |" for j in judges),
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(judges)]
     for name, r in rows.items():
         for c in r.get("curve", ()):
             pred = "–" if c["predicted"] is None else f"{c['predicted']:.3f}"
             gap = "–" if c["gap"] is None else f"{c['gap']:+.3f}"
+            judged = "".join(f" {c['judges'][j]:.3f} |" for j in judges)
             lines.append(f"| {name} | {c['step']} | {c['kl']:.3f} | {c['win_rate_sampling']:.3f} | "
-                         f"{c['win_rate']:.3f} | {pred} | {gap} |")
+                         f"{c['win_rate']:.3f} | {pred} | {gap} |{judged}")
     return "\n".join(lines) + "\n"
 
 
@@ -35,6 +39,9 @@ def plot_curves(cfg, rows: dict[str, dict], path: Path) -> None:
         pred = [(c["step"], c["predicted"]) for c in r["curve"] if c["predicted"] is not None]
         if pred:
             ax_w.plot(*zip(*pred), "--", color=color, alpha=0.7, label=f"{name}: predicted at its KL")
+        for judge, style in zip(getattr(cfg, "judges", ()), itertools.cycle(("s:", "^-.", "v:", "d-."))):
+            ax_w.plot(steps, [c["judges"][judge] for c in r["curve"]], style, color=color, alpha=0.8,
+                      label=f"{name}: judged by {judge}")
         ax_kl.plot(steps, [c["kl"] for c in r["curve"]], "o-", color=color, label=name)
     if cfg.target_kl:
         ax_kl.axhline(cfg.target_kl, color="grey", lw=0.8, ls=":", label="target KL")
