@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
+from iapo_jax.evaluation.judges import judge_scores, judged_row, judged_table, served_win_rate
 from iapo_jax.evaluation.paired import differences_table, method_differences
 
 # method -> (transform for best-of-N deployments, transform for worst-of-N deployments)
@@ -203,39 +204,14 @@ def _procedures(cfg: CompareConfig) -> tuple[str, ...]:
     return ("sampling", "bon", "won") + (("soft_bon",) if cfg.procedure == "soft_bon" else ())
 
 
-def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig, judged=None):
-    """bootstrap_win_rate; soft_bon selects on the calibration against the evaluation pool.
-
-    judged: (policy, reference) scores of a judge. The procedure still selects on the training
-    reward's scores; the judge scores what it serves."""
-    from iapo_jax.evaluation.win_rates import bootstrap_win_rate, pool_calibration
-
-    a, b = (policy_scores, pool_scores) if judged is None else judged
-    if proc != "soft_bon":
-        selection = None if judged is None else (policy_scores, pool_scores)
-        return bootstrap_win_rate(a, b, proc, n, seed=cfg.seed, selection=selection)
-    selection = (pool_calibration(policy_scores, pool_scores), pool_calibration(pool_scores, pool_scores))
-    return bootstrap_win_rate(a, b, proc, n, seed=cfg.seed, lam=cfg.lam, selection=selection)
+def _win_rate(policy_scores, pool_scores, proc: str, n: int, cfg: CompareConfig):
+    """served_win_rate; soft_bon selects on the calibration against the evaluation pool."""
+    return served_win_rate(policy_scores, pool_scores, proc, n, seed=cfg.seed, lam=cfg.lam)
 
 
-def judge_scores(judge, prompts, responses) -> np.ndarray:
-    """[P, k] scores of a judge on k responses per prompt (prompt-major lists)."""
-    from iapo_jax.rewards.base import check_scores
-
-    texts = [t for row in responses for t in row]
-    rep = [p for p, row in zip(prompts, responses) for _ in row]
-    scores = check_scores(judge.score(rep, texts), len(texts), getattr(judge, "name", "judge"))
-    return np.asarray(scores, np.float32).reshape(len(prompts), -1)
-
-
-def judged_row(judged, judged_ref, policy_scores, pool_scores, cfg: CompareConfig) -> dict:
-    """A judge's view of one policy: its mean score and the win rates under sampling and the
-    deployment, with the deployment selecting on the training reward."""
-    rates = {}
-    for proc, n in (("sampling", 1), (cfg.procedure, cfg.deploy_n)):
-        w = _win_rate(policy_scores, pool_scores, proc, n, cfg, judged=(judged, judged_ref))
-        rates[f"{proc}@{n}"] = w.as_dict()
-    return {"mean_reward": float(np.mean(judged)), "win_rates": rates, "scores": np.asarray(judged).tolist()}
+def _judged_row(judged, judged_ref, policy_scores, pool_scores, cfg: CompareConfig) -> dict:
+    deployments = (("sampling", 1), (cfg.procedure, cfg.deploy_n))
+    return judged_row(judged, judged_ref, policy_scores, pool_scores, deployments, seed=cfg.seed, lam=cfg.lam)
 
 
 def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: CompareConfig, key,
@@ -280,7 +256,7 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     if judges:
         responses = np.concatenate(texts, axis=1).tolist()
         result["judges"] = {
-            name: judged_row(judge_scores(judge, prompts, responses), judged_ref, policy_scores,
+            name: _judged_row(judge_scores(judge, prompts, responses), judged_ref, policy_scores,
                              eval_pool.scores, cfg)
             for name, (judge, judged_ref) in judges.items()}
     return result
@@ -486,7 +462,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         table += ("\nDifferences between methods: the same held-out prompts and reference samples, "
                   "prompts resampled jointly (paired bootstrap):\n\n" + differences_table(differences))
     for name, (_, judged_ref) in judged.items():
-        table += "\n" + judged_table(cfg, rows, name)
+        table += "\n" + judged_table(rows, name, cfg.procedure, cfg.deploy_n, cfg.reward)
         if not cfg.is_sweep and len(cfg.methods) > 1:
             rows_j = compare_methods(cfg, rows, eval_pool.scores, judge=(name, judged_ref))
             differences += [{**d, "judge": name} for d in rows_j]
@@ -536,19 +512,6 @@ def compare_methods(cfg: CompareConfig, rows: dict[str, dict], reference_scores,
                               selection=(scores, reference_scores))
 
 
-def judged_table(cfg: CompareConfig, rows: dict[str, dict], judge: str) -> str:
-    """Markdown: every policy as one judge sees it."""
-    proc, n = cfg.procedure, cfg.deploy_n
-    fmt = lambda w: f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"  # noqa: E731
-    lines = [f"Judged by {judge} (the deployment still selects on the training reward, {cfg.reward}):", "",
-             f"| policy | mean {judge} | W (sampling) | W ({proc.upper()}_{n}) |", "|---|---|---|---|"]
-    for name, r in rows.items():
-        j = r["judges"][judge]
-        lines.append(f"| {name} | {j['mean_reward']:.3f} | {fmt(j['win_rates']['sampling@1'])} | "
-                     f"{fmt(j['win_rates'][f'{proc}@{n}'])} |")
-    return "\n".join(lines) + "\n"
-
-
 def evaluate_reference(eval_pool, cfg: CompareConfig, judged: dict | None = None) -> dict:
     """The reference against itself: KL 0 and win rates of exactly one half (a sanity row)."""
     rows = {}
@@ -558,6 +521,6 @@ def evaluate_reference(eval_pool, cfg: CompareConfig, judged: dict | None = None
     out = {"kl": 0.0, "kl_se": 0.0, "mean_reward": float(eval_pool.scores.mean()), "win_rates": rows,
            "predicted": None, "t": None}
     if judged:
-        out["judges"] = {name: judged_row(ref, ref, eval_pool.scores, eval_pool.scores, cfg)
+        out["judges"] = {name: _judged_row(ref, ref, eval_pool.scores, eval_pool.scores, cfg)
                          for name, (_, ref) in judged.items()}
     return out
