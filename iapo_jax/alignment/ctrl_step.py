@@ -40,6 +40,8 @@ class StepOptions:
 
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_merged_update: bool = False  # merge the factors before the loss's forward (forms the frozen
+    # kernels' full gradients; slower, kept to measure the factored path against)
     kl_in_loss: bool = False  # False: KL is a k1 penalty in the reward (classic RLOO)
     kl_estimator: str = "k2"  # used when kl_in_loss; only "k2" has the KL's gradient there
 
@@ -66,7 +68,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
     """
 
     def loss_fn(trainable, frozen, batch: RolloutBatch, beta, clip_eps):
-        model = nnx.merge(graphdef, policy_state(frozen, trainable, opts, factored=True))
+        model = nnx.merge(graphdef, policy_state(frozen, trainable, opts, factored=not opts.lora_merged_update))
         logp = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.lengths)
         real = jnp.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
         mask = real.astype(jnp.float32)
