@@ -2,8 +2,9 @@
 
 Full fine-tuning trains the whole parameter state; LoRA trains low-rank factors applied beside the
 frozen base inside the step (models.low_rank). beta, clip epsilon and the learning-rate schedule
-position are traced values, so sweeping them never recompiles. With a mesh, the step runs sharded: parameters and
-optimizer state by their logical names, the rollout rows over data x fsdp (iapo_jax.parallel).
+position are traced values, so sweeping them never recompiles. With a mesh, the step runs sharded:
+parameters and optimizer state by their logical names, the rollout rows over data x fsdp
+(iapo_jax.parallel).
 """
 
 from __future__ import annotations

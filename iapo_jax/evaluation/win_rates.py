@@ -204,7 +204,8 @@ def _unbiased(a: np.ndarray, b: np.ndarray, procedure: str, n: int, sel_a=None, 
         scale = 2.0
     a, b = _sort_by(a, sel_a), _sort_by(b, sel_b)
     # Weights attach to sorted positions, so tied values simply share their mass: the comparison
-    # below depends only on the values (with a selection key, on the values in its order). Chunks bound the [rows, n_a, n_b] comparison array.
+    # below depends only on the values (with a selection key, on the values in its order). Chunks
+    # bound the [rows, n_a, n_b] comparison array.
     rows = max(1, (1 << 22) // max(1, a.shape[1] * b.shape[1]))
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], rows):

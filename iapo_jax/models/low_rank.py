@@ -34,10 +34,6 @@ class LowRankKernel:
             raise TypeError("a LowRankKernel is read whole (var[...]); merge it to index into it")
         return self
 
-    @property
-    def dtype(self):
-        return self.base.dtype
-
     def astype(self, dtype) -> "LowRankKernel":
         return self.replace(base=self.base.astype(dtype), a=self.a.astype(dtype), b=self.b.astype(dtype))
 
@@ -52,13 +48,13 @@ def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
 
     kernel is an array or one layer's LowRankKernel (A [in, r], B [r, out]).
     """
-    if isinstance(kernel, LowRankKernel):
-        y = jnp.matmul(x, kernel.base.reshape(x.shape[-1], -1), preferred_element_type=jnp.float32)
+    low_rank = isinstance(kernel, LowRankKernel)
+    base = kernel.base if low_rank else kernel
+    y = jnp.matmul(x, base.reshape(x.shape[-1], -1), preferred_element_type=jnp.float32)
+    if low_rank:
         low = jnp.matmul(x, kernel.a.astype(x.dtype), preferred_element_type=jnp.float32)
         y = y + kernel.scale * jnp.matmul(low.astype(x.dtype), kernel.b.astype(x.dtype),
                                           preferred_element_type=jnp.float32)
-    else:
-        y = jnp.matmul(x, kernel.reshape(x.shape[-1], -1), preferred_element_type=jnp.float32)
     if bias is not None:
         y = y + bias.reshape(-1)
     return y.astype(x.dtype)
