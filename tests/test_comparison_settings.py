@@ -36,3 +36,17 @@ def test_unbiased_win_rates_need_as_many_evaluation_samples_as_the_largest_n():
 def test_experiment_configs_train_with_warmup(path):
     cfg = config_from_mapping(CompareConfig, load_yaml(path)).validate()
     assert 1 <= cfg.ctrl_config(cfg.methods[0]).warmup_steps <= max(1, cfg.steps // 5)
+
+
+def test_kl_controller_and_schedule_reach_every_method():
+    """compare's controller reaches each method's trainer with its own default gain; sweep points
+    hold beta fixed and get no controller target."""
+    old = CompareConfig().validate()
+    assert (old.ctrl_config("ctrl").kl_controller, old.ctrl_config("ctrl").kl_controller_gain) == ("proportional", 0.5)
+    cfg = CompareConfig(kl_controller="predictive", lr_schedule="cosine", methods=tuple(METHODS)).validate()
+    for method in METHODS:
+        mcfg = cfg.ctrl_config(method)
+        assert (mcfg.kl_controller, mcfg.kl_control_settings().gain, mcfg.lr_schedule) == ("predictive", 0.05, "cosine")
+        assert cfg.ctrl_config(method, beta=0.2).target_kl is None
+    with pytest.raises(ValueError, match="kl_controller_gain"):
+        CompareConfig(kl_controller="predictive", kl_controller_gain=-1.0).validate()

@@ -56,6 +56,22 @@ def test_trainer_floors_its_reward_at_the_current_beta(single):
     np.testing.assert_allclose(off.shaped_rewards(prompts, table)[1], phi, rtol=1e-6)
 
 
+def test_predictive_controller_keeps_the_floor_where_the_starting_beta_puts_it(single):
+    """A falling beta must not raise the floor over the batch (it floored 80-90% of a SmolLM2 batch
+    under the proportional controller); a rising one lowers it as before."""
+    setting, ref_logp, pool = single
+    case = testbed_run.prepare_case(setting, "negexp", 1.0, "rloo", pool=pool, ref_logp=ref_logp)
+    cfg = dataclasses.replace(case.trainer.cfg, target_kl=1.0, kl_controller="predictive")
+    trainer = CTRLTrainer(cfg, setting.new_policy(), setting.reference, setting.tokenizer, setting.reward,
+                          pool, list(setting.prompts))
+    start = trainer.floor_level()
+    assert start == pytest.approx(1.0 - 15.0 * cfg.beta)
+    trainer.beta = cfg.beta / 100
+    assert trainer.floor_level() == start
+    trainer.beta = cfg.beta * 2
+    assert trainer.floor_level() == pytest.approx(1.0 - 30.0 * cfg.beta)
+
+
 @pytest.mark.parametrize("transform,kl", [("negexp", 1.0), ("negexp", 0.5), ("log", 1.0)])
 def test_floor_moves_the_optimum_by_less_than_1e4(single, transform, kl):
     """Solved exactly: at 15 nats the floored optimum's KL and worst-/best-of-4 win rate equal the

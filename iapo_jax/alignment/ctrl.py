@@ -22,6 +22,7 @@ from flax import nnx
 
 from iapo_jax.alignment import lora, losses
 from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
 from iapo_jax.alignment.ctrl_step import (
     RolloutBatch,
     StepOptions,
@@ -202,7 +203,7 @@ class CTRLTrainer:
         self.phi = None if cfg.transform == "raw" else unit_range_transform(
             cfg.transform, self.t, self.eps, self.table)
         self.phi_top = None if self.phi is None else transform_top(self.phi, self.eps)
-        self.beta = float(cfg.beta)
+        self.kl_state = KLControlState(beta=float(cfg.beta))
         self.opts = StepOptions(
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, kl_in_loss=cfg.kl_in_loss,
             kl_estimator=cfg.kl_estimator, use_clip=cfg.clip_eps is not None,
@@ -226,6 +227,15 @@ class CTRLTrainer:
         self._order = [self.train_prompts[i] for i in order]
 
     # -- state ----------------------------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        """The current KL weight (the controller's, with target_kl set)."""
+        return self.kl_state.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.kl_state = dataclasses.replace(self.kl_state, beta=float(value))
+
     def _place(self) -> None:
         """Shard the training state over the mesh (a no-op without one)."""
         if self.mesh is not None:
@@ -242,7 +252,7 @@ class CTRLTrainer:
         """What a checkpoint needs to continue this run exactly (see runtime.checkpointing)."""
         return {
             "model": self.trainable, "opt_state": self.opt_state, "rng": self.key,
-            "data_position": self.step, "extra": {"beta": self.beta},
+            "data_position": self.step, "extra": self.kl_state.to_dict(),
         }
 
     def restore(self, restored) -> None:
@@ -250,7 +260,7 @@ class CTRLTrainer:
         self.trainable, self.opt_state = restored.model, restored.opt_state
         self._place()  # whatever mesh the checkpoint was restored onto, train on this one
         self.key, self.step = restored.rng, int(restored.data_position)
-        self.beta = float(restored.meta.get("extra", {}).get("beta", self.beta))
+        self.kl_state = KLControlState.from_dict(restored.meta.get("extra", {}), self.beta)
 
     # -- one step -------------------------------------------------------------------------------
     def _prompts_for(self, step: int) -> list[str]:
@@ -270,7 +280,9 @@ class CTRLTrainer:
 
     def floor_level(self) -> float | None:
         """The reward floor at the current beta (None: no floor)."""
-        return reward_floor(self.phi_top, self.beta, self.cfg.reward_floor_nats)
+        cfg = self.cfg
+        settings = cfg.kl_control_settings() if cfg.target_kl is not None else None
+        return reward_floor(self.phi_top, floor_beta(self.beta, cfg.beta, settings), cfg.reward_floor_nats)
 
     def train_step(self) -> StepResult:
         cfg, n = self.cfg, self.cfg.samples_per_prompt
@@ -322,7 +334,7 @@ class CTRLTrainer:
         if level is not None:  # how much of the batch sits on the floor
             metrics["floored_fraction"] = float(np.mean(task <= level))
         if cfg.target_kl is not None:
-            self.beta = float(losses.adaptive_beta(self.beta, kl, cfg.target_kl, cfg.kl_controller_gain))
+            self.kl_state = control_step(self.kl_state, kl, cfg.target_kl, cfg.kl_control_settings(), cfg.beta)
         clock.lap("metrics")
         metrics.update(clock.metrics())
         self.step += 1

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from iapo_jax.alignment import losses
+from iapo_jax.alignment.kl_control import DEFAULT_GAINS, KLControlSettings
 
 # 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
 REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp", "optimal")
@@ -37,7 +38,11 @@ class CTRLConfig:
     lam: soft_bon's selection temperature on the calibrated reward (required for soft_bon only).
     beta: KL weight, in units of the transformed reward; exp / negexp are rescaled onto [0, 1]
       (an affine map: same optimal policies, beta measured in the same units as for identity).
-      With target_kl set, beta is adapted by a proportional controller.
+      With target_kl set, beta is adapted by kl_controller (see alignment.kl_control):
+      'proportional' (Ziegler et al.'s rule on the per-batch KL) or 'predictive' (on the smoothed
+      KL extrapolated kl_horizon steps ahead; kl_smoothing is the moving average's weight; beta
+      kept within a factor kl_beta_range of its start, and the reward floor no higher than the
+      starting beta puts it).
     kl_in_loss: False puts a k1 KL penalty in the reward (RLOO's classic form); True adds
       beta * 1/2 (log pi(y) - log pi_ref(y))^2 to the loss (kl_estimator 'k2', the only per-sample
       form whose gradient is the sequence KL's; see losses.kl_loss_term).
@@ -63,7 +68,12 @@ class CTRLConfig:
     lam: float | None = None
     beta: float = 0.1
     target_kl: float | None = None
-    kl_controller_gain: float = 0.1  # fraction of the relative KL error applied to beta per step
+    kl_controller: str = "proportional"
+    kl_controller_gain: float | None = None  # share of the KL error applied per step; None: the
+    # controller's default (proportional 0.1, predictive 0.05)
+    kl_smoothing: float = 0.1
+    kl_horizon: float = 10.0
+    kl_beta_range: float = 10.0
     samples_per_prompt: int = 4
     prompts_per_step: int = 8
     steps: int = 12
@@ -82,6 +92,12 @@ class CTRLConfig:
     advantage: str = "rloo"
     reward_floor_nats: float | None = DEFAULT_REWARD_FLOOR_NATS
     seed: int = 0
+
+    def kl_control_settings(self) -> KLControlSettings:
+        gain = self.kl_controller_gain
+        if gain is None:
+            gain = DEFAULT_GAINS.get(self.kl_controller, 0.0)  # an unknown kind fails in validate
+        return KLControlSettings(self.kl_controller, gain, self.kl_smoothing, self.kl_horizon, self.kl_beta_range)
 
     def validate(self) -> "CTRLConfig":
         """Reject bad settings before any compute, each with the fix in the message."""
@@ -144,8 +160,7 @@ class CTRLConfig:
             raise ValueError(f"clip_eps must be positive (got {self.clip_eps}); PPO clips the ratio "
                              "to [1 - eps, 1 + eps], try 0.2, or leave it unset for REINFORCE")
         check_reward_floor_nats(self.reward_floor_nats)
-        if not self.kl_controller_gain >= 0:
-            raise ValueError(f"kl_controller_gain must be >= 0 (got {self.kl_controller_gain})")
+        self.kl_control_settings().validate()
         if self.lora_rank > 0 and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be positive (got {self.lora_alpha}); try 16")
         losses.get_kl_estimator(self.kl_estimator)

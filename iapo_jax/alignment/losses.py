@@ -162,12 +162,6 @@ def kl_loss_term(logp, ref_logp, mask, estimator: str = "k2") -> jax.Array:
     return jnp.mean(0.5 * jnp.square(log_ratio))
 
 
-def adaptive_beta(beta, observed_kl, target_kl, horizon_fraction: float = 0.1, max_step: float = 0.2):
-    """Proportional KL controller (Ziegler et al. 2019): raise beta when KL overshoots its target."""
-    error = jnp.clip(observed_kl / target_kl - 1.0, -max_step, max_step)
-    return beta * (1.0 + error * horizon_fraction)
-
-
 def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean per-token entropy of the policy over real tokens; logits [B, R, V]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

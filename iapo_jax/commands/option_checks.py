@@ -22,7 +22,7 @@ POSITIVE_NUMBERS = ("learning_rate", "lr", "lora_alpha", "beta", "target_kl", "c
                     "temperature", "t", "max_grad_norm")
 # Weights and tolerances where 0 means "none" but a negative value means nothing.
 NON_NEGATIVE_NUMBERS = ("weight_decay", "margin", "margin_from_gap", "center_coef", "min_gap",
-                        "kl_controller_gain", "rtol", "atol")
+                        "kl_controller_gain", "kl_horizon", "rtol", "atol")
 # Counts and sizes that must be at least 1.
 POSITIVE_COUNTS = ("steps", "samples", "samples_per_prompt", "prompts_per_step",
                    "max_new_tokens", "batch_size", "batch_prompts", "train_prompts", "eval_prompts",
@@ -37,7 +37,7 @@ NON_NEGATIVE_COUNTS = ("warmup_steps", "lora_rank", "top_k", "probe_every", "max
 POSITIVE_COUNT_LISTS = ("ns", "eval_ns")
 POSITIVE_NUMBER_LISTS = ("kls", "betas", "sweep_kls")
 # Probabilities in (0, 1].
-FRACTIONS = ("top_p",)
+FRACTIONS = ("top_p", "kl_smoothing")
 
 
 # What to pass instead, where the default alone would not say it.

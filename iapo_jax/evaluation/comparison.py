@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -89,7 +89,15 @@ class CompareConfig:
     """Initial KL weight (adapted towards target_kl)."""
     target_kl: float | None = 1.0
     """Per-sequence KL target shared by all methods (matched-KL comparison); None = fixed beta."""
-    kl_controller_gain: float = 0.5
+    kl_controller: Literal["proportional", "predictive"] = "proportional"
+    """How beta is adapted towards target_kl (see alignment.kl_control): 'proportional' is Ziegler
+    et al.'s rule; 'predictive' acts on the smoothed KL extrapolated ahead, keeps beta within 10x
+    of its start and the reward floor no higher than the start puts it."""
+    kl_controller_gain: float | None = None
+    """The controller's gain; unset = 0.5 for proportional, 0.05 for predictive."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warmup: constant, or a cosine decay to 0 over the steps (the policy
+    settles, so the KL it ends at moves less from step to step)."""
     betas: tuple[float, ...] = ()
     """Beta sweep: train every method once per beta, beta held fixed (win rate vs KL curves)."""
     sweep_kls: tuple[float, ...] = ()
@@ -172,6 +180,12 @@ class CompareConfig:
     def is_sweep(self) -> bool:
         return bool(self.betas or self.sweep_kls)
 
+    @property
+    def resolved_kl_controller_gain(self) -> float | None:
+        if self.kl_controller_gain is None and self.kl_controller == "proportional":
+            return 0.5  # this job's long-standing default (its records rerun with it)
+        return self.kl_controller_gain
+
     def ctrl_config(self, method: str, beta: float | None = None, t: float | None = None,
                     optimal_kl: float | None = None) -> CTRLConfig:
         """The method's trainer settings; a given beta (a sweep point) is held fixed, and the
@@ -183,7 +197,8 @@ class CompareConfig:
             t=(t if t is not None else self.t) if method == "ctrl" else None,
             procedure=self.procedure, deploy_n=self.deploy_n, lam=self.lam,
             beta=beta if fixed else self.beta,
-            target_kl=None if fixed else self.target_kl, kl_controller_gain=self.kl_controller_gain,
+            target_kl=None if fixed else self.target_kl, kl_controller=self.kl_controller,
+            kl_controller_gain=self.resolved_kl_controller_gain, lr_schedule=self.lr_schedule,
             samples_per_prompt=self.samples_per_prompt, prompts_per_step=self.prompts_per_step,
             steps=self.steps, learning_rate=self.learning_rate,
             warmup_steps=self.resolved_warmup_steps, lora_rank=self.lora_rank,
