@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json as json_lib
+import math
 from pathlib import Path
 from typing import Literal
 
 from iapo_jax.alignment.ctrl_config import (
     DEFAULT_REWARD_FLOOR_NATS,
+    CTRLConfig,
     RECORDED_WITHOUT_FLOOR,
     check_reward_floor_nats,
 )
@@ -70,6 +72,13 @@ class TestbedConfig:
     """The trainer's reward floor, max(Phi) - this * beta (None: none, as ``iapo ctrl
     --reward-floor-nats None``); the target is the optimum of the floored reward, and each record
     also gives the unfloored optimum."""
+    kl_controller: Literal["proportional", "predictive"] | None = None
+    """Adapt beta towards each target KL with this controller (see alignment.kl_control), starting
+    at --start-beta-factor x the optimum's beta; None holds beta at the optimum's."""
+    kl_controller_gain: float | None = None
+    """The controller's gain (unset: its default, 0.1 proportional, 0.05 predictive)."""
+    start_beta_factor: float = 1.0
+    """With a KL controller: the starting beta as a multiple of the optimum's."""
     seed: int = 0
     """Seed of the model weights, prompts, reward table, pool and training."""
     json: Path | None = None
@@ -88,6 +97,13 @@ class TestbedConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive (got {self.learning_rate})")
         check_reward_floor_nats(self.reward_floor_nats, "--reward-floor-nats")
+        if not (self.start_beta_factor > 0 and math.isfinite(self.start_beta_factor)):
+            raise ValueError(f"--start-beta-factor must be a positive number (got {self.start_beta_factor})")
+        if self.start_beta_factor != 1.0 and self.kl_controller is None:
+            raise ValueError("--start-beta-factor moves where a KL controller starts; set --kl-controller "
+                             "predictive (or proportional), or leave the factor at 1")
+        CTRLConfig(kl_controller=self.kl_controller or "proportional",
+                   kl_controller_gain=self.kl_controller_gain).kl_control_settings().validate()
         if not self.kls or any(not k > 0 for k in self.kls):
             raise ValueError(f"--kls must be positive KLs in nats (got {self.kls}); e.g. --kls 0.25 0.5 1")
         for what in ("cases", "transforms", "options"):
@@ -120,7 +136,8 @@ def run(cfg: TestbedConfig) -> dict:
     out_dir = ctx.run_dir if ctx is not None else Path(".")
     base = RunSettings(pool_size=cfg.pool_size, learning_rate=cfg.learning_rate,
                        lr_schedule=cfg.lr_schedule, eval_every=cfg.eval_every, seed=cfg.seed,
-                       reward_floor_nats=cfg.reward_floor_nats)
+                       reward_floor_nats=cfg.reward_floor_nats, kl_controller=cfg.kl_controller,
+                       kl_controller_gain=cfg.kl_controller_gain, start_beta_factor=cfg.start_beta_factor)
     records, curves = [], []
     bar = progress(total=len(cfg.cases) * len(cfg.transforms) * len(cfg.kls) * len(cfg.options),
                    desc="testbed", unit="run")
@@ -140,7 +157,8 @@ def run(cfg: TestbedConfig) -> dict:
                     curves.append(result.curve)
                     r = result.record
                     print(f"  -> W {r['win_rate']:.4f} (opt {r['optimum_win_rate']:.4f}), KL {r['kl']:.4f} "
-                          f"(opt {r['optimum_kl']:.4f}), {r['seconds']:.0f} s, target "
+                          f"(opt {r['optimum_kl']:.4f}), beta {r['final_beta']:.4g} (opt {r['beta']:.4g}), "
+                          f"{r['seconds']:.0f} s, target "
                           f"{'met' if r['meets_target'] else 'MISSED'}", flush=True)
                     if ctx is not None:
                         ctx.log(len(records), {f"{case}/{transform}/{kl:g}/{option}/{k}": r[k]

@@ -60,6 +60,11 @@ class RunSettings:
     eval_every: int = 50
     seed: int = 0
     reward_floor_nats: float | None = DEFAULT_REWARD_FLOOR_NATS
+    # With a KL controller, the trainer starts at start_beta_factor x the optimum's beta and adapts
+    # beta towards the target KL; the target of the run is still the optimum at that KL.
+    kl_controller: str | None = None
+    kl_controller_gain: float | None = None  # None: the controller's default
+    start_beta_factor: float = 1.0
 
 
 # negexp needs 4x the rollouts and 2x the steps (measured: with 64 samples per prompt the sampled
@@ -140,6 +145,14 @@ def evaluate(logp, ref_logp, table, procedure: str, n: int, lam: float | None = 
     }
 
 
+def controller_options(run: RunSettings, target_kl: float) -> dict:
+    """CTRLConfig fields of the run's KL controller (none: beta held at the optimum's)."""
+    if run.kl_controller is None:
+        return {}
+    return {"target_kl": target_kl, "kl_controller": run.kl_controller,
+            "kl_controller_gain": run.kl_controller_gain}
+
+
 @dataclasses.dataclass
 class Case:
     """A trainer set up for one (transform, target KL, option), with its exact target."""
@@ -185,18 +198,18 @@ def prepare_case(setting: ExactSetting, transform: str, target_kl: float, option
     phi = unfloored if floor is None else floor(unfloored, beta)
     spec = setting.spec
     cfg = CTRLConfig(
-        transform=transform, t=t, procedure=procedure, deploy_n=n, beta=beta, lam=lam,
-        optimal_kl=optimal_kl,
+        transform=transform, t=t, procedure=procedure, deploy_n=n, beta=beta * run.start_beta_factor,
+        lam=lam, optimal_kl=optimal_kl,
         samples_per_prompt=run.samples_per_prompt, prompts_per_step=spec.num_prompts, steps=run.steps,
         learning_rate=run.learning_rate, warmup_steps=run.warmup_steps, lr_schedule=run.lr_schedule,
         max_new_tokens=spec.response_len, seed=run.seed, reward_floor_nats=run.reward_floor_nats,
-        **OPTIONS[option],
+        **OPTIONS[option], **controller_options(run, target_kl),
     )
     trainer = CTRLTrainer(cfg, setting.new_policy(), setting.reference, setting.tokenizer, setting.reward,
                           None if transform == "raw" else pool, list(setting.prompts))
-    # The trainer must see the very reward the optimum was computed for.
+    # The trainer must see the very reward the optimum was computed for (when it starts there).
     _, shaped = trainer.shaped_rewards(list(setting.prompts), setting.reward_table.astype(np.float32))
-    if not np.allclose(shaped, phi, rtol=1e-5, atol=1e-6):
+    if run.start_beta_factor == 1.0 and not np.allclose(shaped, phi, rtol=1e-5, atol=1e-6):
         raise AssertionError("the trainer's transformed reward differs from the testbed's")
     return Case(trainer, name, option, procedure, n, target_kl, t, beta, phi, ref_logp,
                 exact.tilted(ref_logp, phi, beta), pool, lam, optimal, unfloored, floor)
@@ -248,7 +261,8 @@ def run_case(setting: ExactSetting, transform: str, target_kl: float, option: st
     unfloored_opt = evaluate(exact.tilted(ref_logp, case.unfloored_phi, beta), ref_logp, table, procedure, n, lam)
     record = {
         "case": spec.case, "transform": transform, "option": option, "procedure": procedure, "n": n,
-        "target_kl": target_kl, "beta": beta, "t": t, "lam": lam, "steps": run.steps,
+        "target_kl": target_kl, "beta": beta, "t": t, "kl_controller": run.kl_controller,
+        "start_beta": beta * run.start_beta_factor, "final_beta": trainer.beta, "lam": lam, "steps": run.steps,
         "samples_per_prompt": run.samples_per_prompt, "prompts_per_step": spec.num_prompts,
         "samples": run.steps * run.samples_per_prompt * spec.num_prompts, "pool_size": pool.num_samples,
         "learning_rate": run.learning_rate, "lr_schedule": run.lr_schedule, "seconds": seconds,
