@@ -109,6 +109,11 @@ def test_compare_sweep_writes_curves_and_matched_kl_table(tiny_chat_llama_dir, t
         by_kl = {r["beta_for_kl"]: r for r in swept.values() if r["method"] == m}
         assert by_kl[4.0]["beta"] < by_kl[0.5]["beta"]
     assert "| KL (nats) | ctrl: W (BON_4) | calibrated: W (BON_4) |" in (run / "matched_kl.md").read_text()
+    # every point carries per-prompt KLs and scores, so the methods are also compared paired
+    assert all(len(r["kl_per_prompt"]) == 8 for r in swept.values())
+    paired = json.loads((run / "matched_kl_differences.json").read_text())
+    assert [(d["kl"], d["a"], d["b"]) for d in paired] == [(0.5, "ctrl", "calibrated"), (4.0, "ctrl", "calibrated")]
+    assert "paired bootstrap" in (run / "matched_kl.md").read_text()
     assert (run / "win_rate_vs_kl.png").stat().st_size > 1000
 
 

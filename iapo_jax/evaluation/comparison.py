@@ -263,6 +263,7 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
               # how evenly the KL budget is spent over prompts, not only its mean
               "kl_by_prompt": {q: float(np.quantile(by_prompt, v)) for q, v in
                                (("p10", 0.1), ("median", 0.5), ("p90", 0.9))},
+              "kl_per_prompt": by_prompt.tolist(),  # for paired read-outs at matched KL (sweeps)
               "scores": policy_scores.tolist()}  # for paired comparisons between methods
     for proc in _procedures(cfg):
         for n in ((1,) if proc == "sampling" else cfg.eval_ns):
@@ -468,7 +469,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
     if cfg.is_sweep:
         from iapo_jax.evaluation.kl_sweep import write_sweep_report
 
-        matched = write_sweep_report(cfg, rows, ctx.run_dir)
+        matched = write_sweep_report(cfg, rows, ctx.run_dir, eval_pool.scores)
         log("\nwin rate at matched KL (interpolated along each sweep curve):\n" + matched)
     table = results_table(cfg, rows)
     differences = []

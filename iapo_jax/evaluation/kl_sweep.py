@@ -11,6 +11,7 @@ optimum, so the measured KL is what the curves are drawn against.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -121,8 +122,7 @@ def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = N
     curves = {m: curve(rows, m, key) for m in methods}
     reach = min((c[0][-1] for c in curves.values()), default=0.0)
     if kls is None:
-        kls = sorted(cfg.sweep_kls) if cfg.sweep_kls else sorted(
-            {round(r["kl"], 2) for r in rows.values() if "beta" in r})
+        kls = read_out_kls(cfg, rows)
     kls = [k for k in kls if 0 < k <= reach]
     proc = f"{cfg.procedure.upper()}_{cfg.deploy_n}"
     head = ("| KL (nats) | " + " | ".join(f"{m}: W ({proc})" for m in methods) + " | "
@@ -192,10 +192,30 @@ def predicted_win_rate_or_nan(method, cfg, kl, t) -> float:
     return float("nan") if p is None else p
 
 
-def write_sweep_report(cfg, rows: dict[str, dict], run_dir: Path) -> str:
-    """matched_kl.md and win_rate_vs_kl.png in run_dir (also to re-render them from results.json)."""
+def read_out_kls(cfg, rows: dict[str, dict]) -> list[float]:
+    """The KLs a sweep is read at: its own sweep KLs, or the measured KLs of an explicit-beta one."""
+    if cfg.sweep_kls:
+        return sorted(cfg.sweep_kls)
+    return sorted({round(r["kl"], 2) for r in rows.values() if "beta" in r})
+
+
+def write_sweep_report(cfg, rows: dict[str, dict], run_dir: Path, reference_scores=None) -> str:
+    """matched_kl.md and win_rate_vs_kl.png in run_dir (also to re-render them from results.json).
+
+    With the reference's evaluation scores and two or more methods, also the differences between
+    methods at each KL, paired over prompts (matched_kl_differences.md / .json)."""
+    from iapo_jax.evaluation.matched_kl import matched_kl_differences, matched_kl_differences_table
+
     run_dir = Path(run_dir)
     matched = matched_kl_table(cfg, rows)
+    methods = [m for m in cfg.methods if any(r.get("method") == m and "beta" in r for r in rows.values())]
+    if reference_scores is not None and len(methods) > 1:
+        diffs = matched_kl_differences(rows, methods, np.asarray(reference_scores), cfg.procedure, cfg.deploy_n,
+                                       read_out_kls(cfg, rows), seed=cfg.seed, lam=cfg.lam)
+        (run_dir / "matched_kl_differences.json").write_text(json.dumps(diffs, indent=1) + "\n")
+        matched += ("\nDifferences at matched KL, each method read along its sweep line; prompts "
+                    "resampled jointly for every point of every method (paired bootstrap):\n\n"
+                    + matched_kl_differences_table(diffs))
     (run_dir / "matched_kl.md").write_text(matched)
     plot_sweep(cfg, rows, run_dir / "win_rate_vs_kl.png")
     return matched

@@ -251,7 +251,7 @@ def inference_time_win_rate(policy_scores, reference_scores, procedure="sampling
                                               lam=lam, selection=selection)))
 
 
-def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}; e.g. 0.95")
     alpha = (1.0 - confidence) / 2.0
@@ -277,7 +277,7 @@ def bootstrap_win_rate(
                                       lam=lam, selection=selection)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_prompt), size=(num_resamples, len(per_prompt)))
-    lo, hi = _percentile_interval(per_prompt[idx].mean(axis=1), confidence)
+    lo, hi = percentile_interval(per_prompt[idx].mean(axis=1), confidence)
     return WinRate(procedure, int(n), float(per_prompt.mean()), lo, hi, len(per_prompt), estimator,
                    None if lam is None else float(lam))
 
@@ -327,7 +327,7 @@ def paired_bootstrap_difference(per_prompt_a, per_prompt_b, num_resamples: int =
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(num_resamples, len(d)))
     means = d[idx].mean(axis=1)
-    lo, hi = _percentile_interval(means, confidence)
+    lo, hi = percentile_interval(means, confidence)
     se = float(means.std(ddof=1))
     return PairedDifference(float(d.mean()), lo, hi, len(d), se,
                             minimum_detectable_difference(se, confidence))
