@@ -3,6 +3,7 @@
     iapo testbed                                   # every transform, KL 0.25 / 0.5 / 1, every option
     iapo testbed --transforms negexp --kls 0.5 --options rloo --steps 600 --json negexp.json
     iapo testbed --cases sequence --transforms identity exp
+    iapo testbed --kl-controller predictive --steps 150 --samples-per-prompt 8   # does beta land?
 
 Each run trains the real CTRLTrainer (the code path of ``iapo ctrl``: sampler rollouts, an m-sample
 calibration pool, the transform, the KL penalty, the compiled step) on a random-init transformer
