@@ -7,7 +7,7 @@ import pytest
 
 from iapo_jax.evaluation.matched_kl import matched_kl_differences, matched_kl_differences_table
 
-REFERENCE = np.tile((np.arange(100) + 0.5) / 100, (1, 1))  # one prompt's reference scores
+REFERENCE = ((np.arange(100) + 0.5) / 100)[None, :]  # one prompt's reference scores
 SLOPES = {"a": 0.20, "b": 0.10}  # W = 0.5 + slope * KL + prompt effect: the truth at KL k is 0.1 k
 POINT_KLS = (0.2, 0.6, 1.0)
 

@@ -22,7 +22,6 @@ from flax import nnx
 
 from iapo_jax.alignment import lora, losses
 from iapo_jax.alignment.ctrl_config import CTRLConfig
-from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
 from iapo_jax.alignment.ctrl_step import (
     RolloutBatch,
     StepOptions,
@@ -30,6 +29,7 @@ from iapo_jax.alignment.ctrl_step import (
     policy_state,
     sequence_rewards_to_advantages,
 )
+from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.sampler import sample_batch
 from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
@@ -279,7 +279,8 @@ class CTRLTrainer:
         return u, floored(np.asarray(self.phi(jnp.asarray(u)), np.float32), self.floor_level())
 
     def floor_level(self) -> float | None:
-        """The reward floor at the current beta (None: no floor)."""
+        """The reward floor at the current beta, or under the predictive controller at the larger of
+        it and the starting beta (None: no floor)."""
         cfg = self.cfg
         settings = cfg.kl_control_settings() if cfg.target_kl is not None else None
         return reward_floor(self.phi_top, floor_beta(self.beta, cfg.beta, settings), cfg.reward_floor_nats)

@@ -14,7 +14,7 @@ Both are pure functions of (state, observed KL) run on the host once per RL step
   Beta stays within a factor ``beta_range`` of its start (anti-windup: when the policy cannot
   reach the target in the steps given, beta would otherwise fall without end), and the trainer's
   reward floor stays where the starting beta puts it (``floor_beta``): a floor that rose with a
-  falling beta floored 80-90% of a SmolLM2 batch, and on the exact testbed it removed every
+  falling beta floored 78-91% of a SmolLM2 batch, and on the exact testbed it removed every
   advantage, so the KL froze while beta fell towards zero.
 """
 

@@ -26,8 +26,8 @@ from typing import Literal
 
 from iapo_jax.alignment.ctrl_config import (
     DEFAULT_REWARD_FLOOR_NATS,
-    CTRLConfig,
     RECORDED_WITHOUT_FLOOR,
+    CTRLConfig,
     check_reward_floor_nats,
 )
 

@@ -118,7 +118,7 @@ def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = N
     from iapo_jax.evaluation.comparison import predicted_win_rate
 
     key = f"{cfg.procedure}@{cfg.deploy_n}"
-    methods = [m for m in cfg.methods if any(r.get("method") == m and "beta" in r for r in rows.values())]
+    methods = swept_methods(cfg, rows)
     curves = {m: curve(rows, m, key) for m in methods}
     reach = min((c[0][-1] for c in curves.values()), default=0.0)
     if kls is None:
@@ -192,6 +192,11 @@ def predicted_win_rate_or_nan(method, cfg, kl, t) -> float:
     return float("nan") if p is None else p
 
 
+def swept_methods(cfg, rows: dict[str, dict]) -> list[str]:
+    """The config's methods that have at least one sweep point among the rows."""
+    return [m for m in cfg.methods if any(r.get("method") == m and "beta" in r for r in rows.values())]
+
+
 def read_out_kls(cfg, rows: dict[str, dict]) -> list[float]:
     """The KLs a sweep is read at: its own sweep KLs, or the measured KLs of an explicit-beta one."""
     if cfg.sweep_kls:
@@ -208,7 +213,7 @@ def write_sweep_report(cfg, rows: dict[str, dict], run_dir: Path, reference_scor
 
     run_dir = Path(run_dir)
     matched = matched_kl_table(cfg, rows)
-    methods = [m for m in cfg.methods if any(r.get("method") == m and "beta" in r for r in rows.values())]
+    methods = swept_methods(cfg, rows)
     if reference_scores is not None and len(methods) > 1:
         diffs = matched_kl_differences(rows, methods, np.asarray(reference_scores), cfg.procedure, cfg.deploy_n,
                                        read_out_kls(cfg, rows), seed=cfg.seed, lam=cfg.lam)
