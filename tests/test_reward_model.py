@@ -31,7 +31,7 @@ from iapo_jax.rewards.reward_model_training import (
     RewardModelTrainer,
     RewardTrainConfig,
     encode_preference_splits,
-    last_token_features,
+    pooled_features,
 )
 from iapo_jax.rewards.trainable import (
     Finetune,
@@ -91,6 +91,9 @@ def test_pairs_file_round_trip_and_bad_line(tmp_path):
              Preference(({"role": "user", "content": "x"},), "y", "z")]
     path = save_pairs(tmp_path / "pairs.jsonl", pairs)
     assert load_pairs(path) == pairs
+    packed = save_pairs(tmp_path / "pairs.jsonl.gz", pairs)
+    assert packed.read_bytes()[:2] == b"\x1f\x8b" and load_pairs(packed) == pairs  # gzip magic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "pairs.jsonl.gz"]
     path.write_text(path.read_text() + '{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(ValueError, match="pairs.jsonl:3"):
         load_pairs(path)
@@ -126,12 +129,28 @@ def test_sequences_are_chat_prompt_response_end_and_cut_from_the_left(chat):
     assert short == seq[-10:] and cut == 1  # the response and its end token survive
 
 
-def test_head_projection_matches_reward_model_score(chat):
+def test_mean_pooling_averages_real_tokens_only_and_last_reads_the_end(chat):
+    from iapo_jax.models.heads import pool_hidden
+
+    h = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)  # left, none, right pad
+    expect = np.stack([np.asarray(h)[i][mask[i]].mean(0) for i in range(3)])
+    np.testing.assert_allclose(pool_hidden(h, mask, "mean"), expect, rtol=1e-6)
+    np.testing.assert_allclose(pool_hidden(h, mask, "last"), np.asarray(h)[[0, 1, 2], [4, 4, 1]])
+    with pytest.raises(ValueError, match="pooling"):
+        pool_hidden(h, mask, "max")
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel.from_policy(chat[0], nnx.Rngs(0), pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_head_projection_matches_reward_model_score(chat, pooling):
     model, tok = chat
-    rm = RewardModel.from_policy(model, nnx.Rngs(0), head_init_std=0.5)
+    rm = RewardModel.from_policy(model, nnx.Rngs(0), head_init_std=0.5, pooling=pooling)
     (arrays,), _ = encode_preference_splits(tok, [vowel_pairs(6, 3)], 64)
     direct = score_arrays(rm, arrays.chosen_ids, arrays.chosen_mask, 4)
-    feats = last_token_features(rm.backbone, arrays.chosen_ids, arrays.chosen_mask, batch_size=32)
+    feats = pooled_features(rm.backbone, arrays.chosen_ids, arrays.chosen_mask, batch_size=32,
+                            pooling=pooling)
     np.testing.assert_allclose(np.asarray(project(head_of(nnx.state(rm)), feats)), direct, atol=1e-5)
 
 
@@ -183,17 +202,17 @@ def test_head_training_learns_a_known_preference(chat, vowel_data):
     assert after["loss"] < before["loss"] - 0.2
 
 
-def _train_save_and_restore(cfg, model, data, ckpt_dir):
+def _train_save_and_restore(cfg, model, data, ckpt_dir, pooling="last"):
     """Train cfg.steps steps with a checkpointer; a fresh trainer must restore exactly that state."""
     train, held_out = data
     with Checkpointer(ckpt_dir, handle_sigterm=False) as ckpt:
-        trainer = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
-                                     checkpointer=ckpt)
+        trainer = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0), pooling=pooling),
+                                     train, held_out, checkpointer=ckpt)
         history = trainer.train()
         ckpt.wait()
         assert ckpt.all_steps() == [cfg.steps]
-        fresh = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0)), train, held_out,
-                                   checkpointer=ckpt)
+        fresh = RewardModelTrainer(cfg, RewardModel.from_policy(model, nnx.Rngs(0), pooling=pooling),
+                                   train, held_out, checkpointer=ckpt)
         assert fresh.restore() == cfg.steps
     for a, b in zip(jax.tree.leaves((trainer.trainable, trainer.opt_state)),
                     jax.tree.leaves((fresh.trainable, fresh.opt_state)), strict=True):
@@ -201,12 +220,14 @@ def _train_save_and_restore(cfg, model, data, ckpt_dir):
     return trainer, history
 
 
-def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path, tiny_chat_llama_dir,
+                                                      pooling):
     model, tok = chat
     cfg = RewardTrainConfig(steps=3, batch_size=8, mode="head", learning_rate=1e-2, warmup_steps=1)
-    trainer, _ = _train_save_and_restore(cfg, model, vowel_data, tmp_path / "checkpoints")
+    trainer, _ = _train_save_and_restore(cfg, model, vowel_data, tmp_path / "checkpoints", pooling)
     write_spec(tmp_path, kind="reward", base=str(tiny_chat_llama_dir), finetune=cfg.finetune, step=3,
-               max_length=64)
+               max_length=64, pooling=pooling)
     reloaded = get_reward("reward_model", path=tmp_path, batch_size=4)
     texts = (["Up?", "Hi"], ["abcde", "ponm"])
     trained = JaxRewardModel(trainer.current_model(), tok, max_length=64, batch_size=4)

@@ -84,6 +84,9 @@ class TrainRMConfig(MeshFlags):
     """Tokens per (prompt, response) sequence; longer ones lose the start of the prompt."""
     mode: Literal["full", "lora", "head"] = "head"
     """What trains: every weight, LoRA factors + head, or the head on a frozen backbone."""
+    pooling: Literal["last", "mean"] = "last"
+    """How the head reads a sequence: the end-of-turn token's state, or the mean of every token's
+    (suits rewards that add up over words, such as a sentiment lexicon)."""
     lora_rank: int = 8
     """LoRA rank (mode lora)."""
     lora_alpha: float = 16.0
@@ -249,7 +252,7 @@ def run(cfg: TrainRMConfig) -> dict:
 
         (train_arr, eval_arr), cut = encode_preference_splits(tokenizer, [train_pairs, eval_pairs],
                                                               cfg.max_length)
-        model = build_head_model("reward", base, cfg.seed)
+        model = build_head_model("reward", base, cfg.seed, cfg.pooling)
         ckpt = ctx.checkpointer(keep_last=2)
         with ctx.timer("prepare"):
             trainer = RewardModelTrainer(train_config(cfg), model, train_arr, eval_arr, checkpointer=ckpt,
@@ -270,7 +273,8 @@ def run(cfg: TrainRMConfig) -> dict:
         clear = _accuracy_on_clear_pairs(trainer, eval_arr)
         if is_main_process():
             write_spec(ctx.run_dir, kind="reward", base=source, finetune=trainer.finetune,
-                       step=trainer.step, max_length=cfg.max_length, scorer=cfg.scorer, pairs=cfg.pairs)
+                       step=trainer.step, max_length=cfg.max_length, scorer=cfg.scorer, pairs=cfg.pairs,
+                       pooling=cfg.pooling)
         ctx.fingerprint_output("train_pairs", TRAIN_PAIRS)
         ctx.fingerprint_output("eval_pairs", EVAL_PAIRS)
         return {

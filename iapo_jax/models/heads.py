@@ -1,7 +1,8 @@
 """Scalar heads on the shared transformer backbone.
 
-- RewardModel: one score per sequence, read at each row's last real token (found from the attention
-  mask, i.e. from lengths, never from pad-token values), for Bradley-Terry reward models.
+- RewardModel: one score per sequence, for Bradley-Terry reward models. Pooling 'last' reads the
+  row's last real token (found from the attention mask, i.e. from lengths, never from pad-token
+  values); 'mean' averages the head over every real token.
 - ValueModel: one score per prefix position, for prefix scorers / value functions (CD-FUDGE, CD-Q);
   `values_cached` scores new tokens incrementally on a KV cache during decoding.
 
@@ -27,6 +28,26 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return (length - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
 
 
+POOLINGS = ("last", "mean")
+
+
+def pool_hidden(h: jax.Array, attention_mask: jax.Array, pooling: str = "last") -> jax.Array:
+    """[B,T,D] hidden states -> [B,D]: the last real token's state, or the mean over real tokens.
+
+    'mean' suits scores that add up over words (a sentiment lexicon, say): the head is linear, so
+    the pooled score is the mean of per-token scores. Under causal attention the prompt's states do
+    not depend on the response, so two responses to one prompt differ only through their own tokens.
+    """
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if pooling == "last":
+        return jnp.take_along_axis(h, last_token_index(mask)[:, None, None], axis=1)[:, 0]
+    if pooling == "mean":
+        weights = mask.astype(jnp.float32)[..., None]
+        total = jnp.sum(h.astype(jnp.float32) * weights, axis=1)
+        return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 class _ScalarHeadModel(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, head_init_std: float = 0.0,
                  backbone: Transformer | None = None):
@@ -43,11 +64,11 @@ class _ScalarHeadModel(nnx.Module):
         return self.backbone.config
 
     @classmethod
-    def from_policy(cls, transformer: Transformer, rngs: nnx.Rngs, head_init_std: float = 0.0):
+    def from_policy(cls, transformer: Transformer, rngs: nnx.Rngs, head_init_std: float = 0.0, **kwargs):
         """A head model whose backbone starts as a copy of `transformer`'s weights."""
         if not isinstance(transformer, Transformer):
             raise TypeError(f"from_policy expects a Transformer, got {type(transformer).__name__}.")
-        return cls(transformer.config, rngs, head_init_std, backbone=nnx.clone(transformer))
+        return cls(transformer.config, rngs, head_init_std, backbone=nnx.clone(transformer), **kwargs)
 
     def _project(self, h: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> float32 scores [...]."""
@@ -56,14 +77,19 @@ class _ScalarHeadModel(nnx.Module):
 
 
 class RewardModel(_ScalarHeadModel):
-    """Backbone + scalar head; `score` gives one reward per sequence."""
+    """Backbone + scalar head; `score` gives one reward per sequence (see `pool_hidden`)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, head_init_std: float = 0.0,
+                 backbone: Transformer | None = None, pooling: str = "last"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        super().__init__(config, rngs, head_init_std, backbone)
+        self.pooling = pooling
 
     def score(self, input_ids, attention_mask) -> jax.Array:
         """input_ids [B,T], attention_mask [B,T] (1 = real token) -> float32 scores [B]."""
         h = self.backbone.hidden(input_ids, attention_mask)
-        last = last_token_index(attention_mask)
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-        return self._project(h_last)
+        return self._project(pool_hidden(h, attention_mask, self.pooling))
 
     def __call__(self, input_ids, attention_mask) -> jax.Array:
         return self.score(input_ids, attention_mask)

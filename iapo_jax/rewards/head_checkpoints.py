@@ -3,8 +3,9 @@
 A training run keeps Orbax checkpoints (through ``iapo_jax.runtime.checkpointing``) of what it
 trains only: the head, LoRA factors, or the full state (see ``trainable.Finetune``), plus the
 optimizer state. Beside them it writes ``head_model.json`` naming the base model, the training
-mode and the checkpoint folder, so ``load_head_model(run_dir)`` can rebuild the trained model:
-load the base, attach a head, restore the trainable part onto it and merge.
+mode, the checkpoint folder and (for reward models) the pooling, so ``load_head_model(run_dir)``
+can rebuild the trained model: load the base, attach a head, restore the trainable part onto it
+and merge.
 """
 
 from __future__ import annotations
@@ -85,14 +86,19 @@ def restore_training_state(ckpt, trainable, opt_state, finetune: Finetune, step:
     return restored.model, restored.opt_state, restored.step
 
 
-def build_head_model(kind: str, base_model, seed: int = 0):
-    """A RewardModel / ValueModel whose backbone starts as a copy of `base_model`."""
+def build_head_model(kind: str, base_model, seed: int = 0, pooling: str = "last"):
+    """A RewardModel / ValueModel whose backbone starts as a copy of `base_model`.
+
+    pooling: how a reward model reads a sequence (``heads.pool_hidden``); value models score
+    every prefix and take none.
+    """
     from flax import nnx
 
     from iapo_jax.models import RewardModel, ValueModel
 
-    cls = RewardModel if kind == "reward" else ValueModel
-    return cls.from_policy(base_model, nnx.Rngs(seed))
+    if kind == "reward":
+        return RewardModel.from_policy(base_model, nnx.Rngs(seed), pooling=pooling)
+    return ValueModel.from_policy(base_model, nnx.Rngs(seed))
 
 
 def load_head_model(path: str | os.PathLike, kind: str | None = None, step: int | None = None,
@@ -111,7 +117,8 @@ def load_head_model(path: str | os.PathLike, kind: str | None = None, step: int 
         raise HeadModelError(f"{run_dir} holds a {spec['kind']} model, not a {kind} model")
     finetune = Finetune(**spec["finetune"]).validate()
     base = load_model(spec["base"], dtype=dtype)
-    model = build_head_model(spec["kind"], base)
+    # Runs saved before pooling was recorded read the last token.
+    model = build_head_model(spec["kind"], base, pooling=spec.get("pooling", "last"))
     graphdef, frozen, trainable = split_for_training(model, finetune, jax.random.key(0))
     ckpt_dir = run_dir / spec.get("checkpoint_dir", "checkpoints")
     with Checkpointer(ckpt_dir, handle_sigterm=False) as ckpt:

@@ -8,7 +8,7 @@ One step scores chosen and rejected rows in a single forward pass and minimises
 
 with m = margin + margin_from_gap * (the ranking scorer's gap) (``alignment.losses``), using AdamW
 on a warmup-cosine schedule. In mode 'head' (``trainable``) the backbone is frozen, so the
-last-token hidden states are computed once and each step trains the head on them.
+pooled hidden states (``heads.pool_hidden``) are computed once and each step trains the head on them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import optax
 from flax import nnx, struct
 
 from iapo_jax.alignment import losses
-from iapo_jax.models.heads import last_token_index
+from iapo_jax.models.heads import pool_hidden
 from iapo_jax.parallel.sharded_step import (
     check_batch_divides,
     compile_train_step,
@@ -154,7 +154,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
     """step(trainable, frozen, opt_state, batch, margin, margin_from_gap) -> (trainable, opt_state, metrics).
 
     batch: PairArrays, or with ``on_features`` a tuple (h_chosen [B, D], h_rejected [B, D], gap [B])
-    of frozen-backbone last-token hidden states (mode 'head').
+    of frozen-backbone pooled hidden states (mode 'head').
     """
 
     def loss_fn(trainable, frozen, batch, margin, margin_from_gap):
@@ -180,15 +180,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
     return compile_train_step(step, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _last_hidden_jit(graphdef, state, ids, mask):
-    backbone = nnx.merge(graphdef, state)
-    h = backbone.hidden(ids, mask)
-    return jnp.take_along_axis(h, last_token_index(mask)[:, None, None], axis=1)[:, 0]
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
+def _pooled_hidden_jit(graphdef, state, ids, mask, pooling):
+    return pool_hidden(nnx.merge(graphdef, state).hidden(ids, mask), mask, pooling)
 
 
-def last_token_features(backbone, ids, mask, batch_size: int = 32) -> jax.Array:
-    """Final-normed hidden state at each row's last real token -> float32 [N, D], in fixed chunks."""
+def pooled_features(backbone, ids, mask, batch_size: int = 32, pooling: str = "last") -> jax.Array:
+    """Final-normed hidden states pooled per row (``heads.pool_hidden``) -> float32 [N, D], in
+    fixed chunks."""
     graphdef, state = nnx.split(backbone)
     ids, mask = np.asarray(ids), np.asarray(mask)
     out = []
@@ -198,7 +197,7 @@ def last_token_features(backbone, ids, mask, batch_size: int = 32) -> jax.Array:
         if real < batch_size:
             i = np.concatenate([i, np.repeat(i[:1], batch_size - real, 0)])
             m = np.concatenate([m, np.repeat(m[:1], batch_size - real, 0)])
-        out.append(_last_hidden_jit(graphdef, state, jnp.asarray(i), jnp.asarray(m))[:real])
+        out.append(_pooled_hidden_jit(graphdef, state, jnp.asarray(i), jnp.asarray(m), pooling)[:real])
     return jnp.concatenate(out).astype(jnp.float32)
 
 
@@ -245,7 +244,7 @@ class RewardModelTrainer:
         self._place()
         self._features: dict[int, tuple] = {}
         self._saved_step = -1
-        if self.on_features:  # frozen backbone: its last-token states never change
+        if self.on_features:  # frozen backbone: its pooled states never change
             self._features[id(train)] = self._pair_features(train)
             if eval_data is not None:
                 self._features[id(eval_data)] = self._pair_features(eval_data)
@@ -263,14 +262,15 @@ class RewardModelTrainer:
         return nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
 
     def _pair_features(self, data: PairArrays):
-        """Last-token states of chosen and rejected rows; each distinct row is run once (a response
+        """Pooled states of chosen and rejected rows; each distinct row is run once (a response
         appears in several pairs when every pair of a prompt's responses is used)."""
-        backbone = nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune)).backbone
+        model = nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
         ids = np.concatenate([np.asarray(data.chosen_ids), np.asarray(data.rejected_ids)])
         mask = np.concatenate([np.asarray(data.chosen_mask), np.asarray(data.rejected_mask)])
         rows = np.where(mask, ids, -1)  # padding content never matters
         _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-        feats = last_token_features(backbone, ids[first], mask[first], self.cfg.eval_batch_size)
+        feats = pooled_features(model.backbone, ids[first], mask[first], self.cfg.eval_batch_size,
+                                model.pooling)
         feats = feats[jnp.asarray(inverse.reshape(-1))]
         n = data.size
         return feats[:n], feats[n:], jnp.asarray(data.gap)
