@@ -9,6 +9,7 @@ scorer's gap, which a margin-BT loss can use.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 from pathlib import Path
@@ -148,11 +149,19 @@ def _frozen_prompt(prompt: Prompt) -> Prompt:
     return prompt if isinstance(prompt, str) else tuple(dict(m) for m in prompt)
 
 
+def _open_text(path: Path, mode: str):
+    """A text file, gzip-compressed when its name ends in .gz (large pair sets travel smaller)."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
 def save_pairs(path: str | os.PathLike, pairs: Sequence[Preference]) -> Path:
-    """JSON lines, one pair per line (written to a temporary name, then renamed)."""
+    """JSON lines, one pair per line (written to a temporary name, then renamed); a name ending in
+    .gz is gzip-compressed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    tmp = path.with_name(f".tmp.{path.name}")  # keeps the suffix, so .gz stays compressed
+    with _open_text(tmp, "w") as fh:
         for p in pairs:
             prompt = p.prompt if isinstance(p.prompt, str) else list(p.prompt)
             fh.write(json.dumps({"prompt": prompt, "chosen": p.chosen, "rejected": p.rejected,
@@ -162,8 +171,9 @@ def save_pairs(path: str | os.PathLike, pairs: Sequence[Preference]) -> Path:
 
 
 def load_pairs(path: str | os.PathLike) -> list[Preference]:
+    """Pairs saved by ``save_pairs`` (JSON lines, or gzip-compressed JSON lines named *.gz)."""
     out = []
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(Path(path), "r") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
