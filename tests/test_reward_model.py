@@ -315,6 +315,20 @@ def test_train_rm_job_samples_pairs_trains_and_saves_a_usable_reward(tiny_chat_l
     metrics = ctx.record.data["metrics"]
     assert metrics["train_pairs"] > 0 and metrics["eval_pairs"] > 0 and metrics["steps"] == 5
     assert 0 <= metrics["eval_pairwise_accuracy"] <= 1 and ctx.record.data["checkpoints"] == [5]
+    assert metrics["train_eval_pairs"] == min(metrics["train_pairs"], 1024)
     assert len(load_pairs(tmp_path / "rm" / "pairs_train.jsonl")) == metrics["train_pairs"]
     reward = get_reward("reward_model", path=tmp_path / "rm")
     assert np.isfinite(reward.score(["Hi"], ["there"])).all()
+
+
+def test_training_fit_is_measured_on_a_fixed_sample_of_distinct_pairs(vowel_data):
+    from iapo_jax.commands.train_rm import _training_sample
+
+    train, _ = vowel_data
+    assert _training_sample(train, train.size, 0) is train
+    a, b = _training_sample(train, 5, 0), _training_sample(train, 5, 0)
+    assert a.size == 5 and np.array_equal(a.chosen_ids, b.chosen_ids)  # the same pairs every time
+    pairs = {(tuple(c), tuple(r)) for c, r in zip(np.asarray(a.chosen_ids), np.asarray(a.rejected_ids))}
+    assert len(pairs) == 5  # drawn without replacement
+    assert pairs <= {(tuple(c), tuple(r)) for c, r in zip(np.asarray(train.chosen_ids),
+                                                           np.asarray(train.rejected_ids))}

@@ -26,6 +26,7 @@ from typing import Literal
 from iapo_jax.commands.configs import MeshFlags
 
 TRAIN_PAIRS, EVAL_PAIRS = "pairs_train.jsonl", "pairs_eval.jsonl"
+TRAIN_EVAL_PAIRS = 1024  # training pairs scored at the end to report the fit
 REPRODUCE_IGNORE = ("*per_s", "*seconds")
 RESUMABLE = True
 # Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
@@ -269,7 +270,7 @@ def run(cfg: TrainRMConfig) -> dict:
             trainer.train(eval_every=cfg.eval_every,
                           progress=lambda it: ctx.progress(it, desc="train-rm", unit="step"))
         after = trainer.evaluate()
-        on_train = trainer.evaluate(train_arr)
+        on_train = trainer.evaluate(_training_sample(train_arr, TRAIN_EVAL_PAIRS, cfg.seed))
         clear = _accuracy_on_clear_pairs(trainer, eval_arr)
         if is_main_process():
             write_spec(ctx.run_dir, kind="reward", base=source, finetune=trainer.finetune,
@@ -286,11 +287,22 @@ def run(cfg: TrainRMConfig) -> dict:
             "eval_pairwise_accuracy_top_half_gap": clear,
             "train_pairwise_accuracy": on_train["pairwise_accuracy"],
             "train_loss": on_train["loss"],
+            "train_eval_pairs": on_train["pairs"],
             "steps": trainer.step,
             "sequence_tokens": int(train_arr.chosen_ids.shape[1]),
             "mean_scorer_gap": float(np.mean(train_arr.gap)),
         }
 
+
+
+def _training_sample(data, limit: int, seed: int):
+    """At most `limit` training pairs, drawn without replacement: how well the training pairs are
+    fitted, without rerunning the backbone over tens of thousands of rows in modes lora and full."""
+    import numpy as np
+
+    if data.size <= limit:
+        return data
+    return data.take(np.sort(np.random.default_rng([seed, 1]).choice(data.size, limit, replace=False)))
 
 
 def _accuracy_on_clear_pairs(trainer, data) -> float:
