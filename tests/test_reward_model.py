@@ -235,6 +235,10 @@ def test_checkpoint_round_trip_and_reload_as_a_reward(chat, vowel_data, tmp_path
     assert np.ptp(trained.score(*texts)) > 0  # the head moved
     with pytest.raises(HeadModelError, match="value"):
         load_head_model(tmp_path, kind="value")
+    spec = json.loads((tmp_path / "head_model.json").read_text())
+    (tmp_path / "head_model.json").write_text(json.dumps({**spec, "pooling": "max"}))
+    with pytest.raises(HeadModelError, match="unknown pooling 'max'"):
+        load_head_model(tmp_path)
     (tmp_path / "head_model.json").write_text(json.dumps({"kind": "reward"}))
     with pytest.raises(HeadModelError, match="lacks"):
         load_head_model(tmp_path)

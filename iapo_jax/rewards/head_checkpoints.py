@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from iapo_jax.errors import IapoError
+from iapo_jax.models.heads import POOLINGS
 from iapo_jax.rewards.trainable import Finetune, merged_state, split_for_training
 
 SPEC_FILE = "head_model.json"
@@ -61,6 +62,9 @@ def read_spec(path: str | os.PathLike) -> tuple[dict, Path]:
             raise HeadModelError(f"{spec_path} lacks {key!r}; it was not written by a training job")
     if spec["kind"] not in KINDS:
         raise HeadModelError(f"{spec_path}: unknown kind {spec['kind']!r}; expected one of {KINDS}")
+    if spec.get("pooling", "last") not in POOLINGS:
+        raise HeadModelError(f"{spec_path}: unknown pooling {spec['pooling']!r}; expected one of "
+                             f"{POOLINGS} (rerun the training job)")
     return spec, spec_path.parent
 
 
