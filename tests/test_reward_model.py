@@ -200,6 +200,9 @@ def test_head_training_learns_a_known_preference(chat, vowel_data):
     # Held-out pairs, never trained on; the rule (more vowels wins) must be recovered.
     assert after["pairwise_accuracy"] >= 0.85, after
     assert after["loss"] < before["loss"] - 0.2
+    rc, rr = trainer.pair_scores(held_out)  # scores passed in give the same read-out, in order
+    assert trainer.evaluate(held_out, (rc, rr)) == after
+    assert trainer.evaluate(held_out, (rr, rc))["pairwise_accuracy"] == pytest.approx(1 - after["pairwise_accuracy"])
 
 
 def _train_save_and_restore(cfg, model, data, ckpt_dir, pooling="last"):

@@ -269,9 +269,10 @@ def run(cfg: TrainRMConfig) -> dict:
         with ctx.timer("train"):
             trainer.train(eval_every=cfg.eval_every,
                           progress=lambda it: ctx.progress(it, desc="train-rm", unit="step"))
-        after = trainer.evaluate()
+        held_out_scores = trainer.pair_scores(eval_arr)  # once: both read-outs below use them
+        after = trainer.evaluate(eval_arr, held_out_scores)
         on_train = trainer.evaluate(_training_sample(train_arr, TRAIN_EVAL_PAIRS, cfg.seed))
-        clear = _accuracy_on_clear_pairs(trainer, eval_arr)
+        clear = _accuracy_on_clear_pairs(held_out_scores, eval_arr.gap)
         if is_main_process():
             write_spec(ctx.run_dir, kind="reward", base=source, finetune=trainer.finetune,
                        step=trainer.step, max_length=cfg.max_length, scorer=cfg.scorer, pairs=cfg.pairs,
@@ -305,12 +306,12 @@ def _training_sample(data, limit: int, seed: int):
     return data.take(np.sort(np.random.default_rng([seed, 1]).choice(data.size, limit, replace=False)))
 
 
-def _accuracy_on_clear_pairs(trainer, data) -> float:
+def _accuracy_on_clear_pairs(scores, gap) -> float:
     """Held-out accuracy on the half of the pairs the scorer separates most (largest gaps)."""
     import numpy as np
 
-    rc, rr = trainer.pair_scores(data)
-    gap = np.asarray(data.gap)
+    rc, rr = scores
+    gap = np.asarray(gap)
     keep = gap >= np.median(gap)
     right = np.where(rc > rr, 1.0, np.where(rc == rr, 0.5, 0.0))
     return float(right[keep].mean())

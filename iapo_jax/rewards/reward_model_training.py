@@ -321,12 +321,16 @@ class RewardModelTrainer:
         return (score_arrays(model, np.asarray(data.chosen_ids), np.asarray(data.chosen_mask), bs),
                 score_arrays(model, np.asarray(data.rejected_ids), np.asarray(data.rejected_mask), bs))
 
-    def evaluate(self, data: PairArrays | None = None) -> dict[str, float]:
-        """Pairwise accuracy (ties half) and BT loss on `data` (default: the held-out pairs)."""
+    def evaluate(self, data: PairArrays | None = None, scores=None) -> dict[str, float]:
+        """Pairwise accuracy (ties half) and BT loss on `data` (default: the held-out pairs).
+
+        scores: ``pair_scores(data)`` when the caller already has them (LoRA and full fine-tuning
+        rerun the backbone over every row to get them).
+        """
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation pairs; pass eval_data to the trainer or data= here")
-        rc, rr = self.pair_scores(data)
+        rc, rr = self.pair_scores(data) if scores is None else scores
         loss, metrics = bt_scores_and_loss(jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(data.gap),
                                            self.cfg.margin, self.cfg.margin_from_gap, self.cfg.center_coef)
         return {"pairwise_accuracy": float(metrics["accuracy"]), "loss": float(loss), "pairs": data.size}
