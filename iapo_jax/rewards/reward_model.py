@@ -2,7 +2,8 @@
 
 Each (prompt, response) is tokenised the way the decoding engine lays a sampled response out:
 the prompt through the chat template (ending with the assistant header), then the response text,
-then the end-of-turn token, which is where a RewardModel reads its score. Sequences longer than
+then the end-of-turn token (where a RewardModel with pooling 'last' reads its score; 'mean'
+averages over every token). Sequences longer than
 ``max_length`` lose the start of the prompt, never the response or the end token. Rows are left
 padded to a small set of widths and scored in fixed-size chunks, so one compiled program serves
 every call of the same width.
