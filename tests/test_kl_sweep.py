@@ -54,7 +54,8 @@ def test_sweep_kls_give_each_method_its_own_beta_and_explicit_betas_are_shared()
 
 def _row(method, kl, w):
     win = {"win_rate": w, "ci_low": w - 0.05, "ci_high": w + 0.05}
-    return {"method": method, "beta": 1.0, "kl": kl, "win_rates": {"bon@4": win}}
+    return {"method": method, "beta": 1.0, "kl": kl, "kl_se": 0.01, "mean_reward": 0.0,
+            "win_rates": {"bon@4": win, "sampling@1": win}}
 
 
 def test_matched_kl_table_reads_out_only_between_each_methods_measured_points():
@@ -118,7 +119,8 @@ def test_compare_sweep_writes_curves_and_matched_kl_table(tiny_chat_llama_dir, t
 
 
 def _fake_run(path, methods, rows, **overrides):
-    config = {"methods": methods, "procedure": "bon", "deploy_n": 4, "sweep_kls": [0.5, 1.0], "seed": 0}
+    config = {"methods": methods, "procedure": "bon", "deploy_n": 4, "eval_ns": [4], "sweep_kls": [0.5, 1.0],
+              "seed": 0}
     config.update(overrides)
     path.mkdir()
     (path / "manifest.json").write_text(json.dumps({"config": config, "data": {"pool_eval": {"sha256": "x"}}}))
@@ -126,9 +128,12 @@ def _fake_run(path, methods, rows, **overrides):
     return path
 
 
-def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
-    script = str(Path(__file__).parents[1] / "experiments/ctrl/merge_sweeps.py")
-    ref = {"kl": 0.0, "win_rates": {}}
+JOIN = str(Path(__file__).parents[1] / "experiments/ctrl/join_runs.py")
+
+
+def test_join_runs_joins_sweeps_that_differ_only_in_methods(tmp_path):
+    script = JOIN
+    ref = _row("reference", 0.0, 0.5)
     a = _fake_run(tmp_path / "a", ["ctrl"], {"reference": ref, "c": _row("ctrl", 1.0, 0.7)})
     b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 0.5, 0.6),
                                             "s": _row("raw", 2.0, 0.9)})
@@ -151,3 +156,49 @@ def test_merge_sweeps_joins_runs_that_differ_only_in_methods(tmp_path):
     again = subprocess.run([sys.executable, script, str(a), str(same), "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
     assert again.returncode != 0 and "in an earlier run too" in again.stderr
+
+
+def test_join_runs_pairs_methods_trained_in_separate_runs_as_one_run_would(tmp_path):
+    """Two single-target runs (ctrl + calibrated, then raw) joined: every two methods get the paired
+    difference that one run of all three would report, against the shared reference pool."""
+    from iapo_jax.data.fingerprint import fingerprint
+    from iapo_jax.evaluation.comparison import compare_methods
+    from iapo_jax.rewards.calibration import ReferencePool
+
+    rng = np.random.default_rng(0)
+    pool = ReferencePool.build([f"p{i}" for i in range(6)], rng.normal(size=(6, 8)),
+                               responses=[[f"r{i}{j}" for j in range(8)] for i in range(6)])
+    sha = fingerprint(pool.fingerprint())
+    scores = {m: rng.normal(loc=shift, size=(6, 8)) for m, shift in (("ctrl", 0.6), ("calibrated", 0.5),
+                                                                      ("raw", 0.0))}
+
+    def run(path, methods):
+        rows = {"reference": _row("reference", 0.0, 0.5)}
+        rows.update({m: {**_row(m, 0.5, 0.6), "scores": scores[m].tolist()} for m in methods})
+        path = _fake_run(path, methods, rows, sweep_kls=[], target_kl=0.5)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["data"]["pool_eval"]["sha256"] = sha
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return path
+
+    a, b = run(tmp_path / "a", ["ctrl", "calibrated"]), run(tmp_path / "b", ["raw"])
+    no_pool = subprocess.run([sys.executable, JOIN, str(a), str(b), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True, timeout=300)
+    assert no_pool.returncode != 0 and "--reference-pool" in no_pool.stderr
+    pool.save(a / "pool_eval")
+    done = subprocess.run([sys.executable, JOIN, str(a), str(b), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    joined = json.loads((tmp_path / "out" / "differences.json").read_text())
+    assert {(d["a"], d["b"]) for d in joined} == {("ctrl", "calibrated"), ("ctrl", "raw"), ("calibrated", "raw")}
+    cfg = CompareConfig(methods=("ctrl", "calibrated", "raw"), procedure="bon", deploy_n=4, eval_ns=(4,),
+                        target_kl=0.5, seed=0)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert joined == compare_methods(cfg, rows, pool.scores)
+    assert "| ctrl - raw | BoN_4 |" in (tmp_path / "out" / "results.md").read_text()
+
+    other = ReferencePool.build(pool.prompts, pool.scores + 1.0, responses=pool.responses)
+    other.save(tmp_path / "other")
+    bad = subprocess.run([sys.executable, JOIN, str(a), str(b), "--out", str(tmp_path / "o"),
+                          "--reference-pool", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "fingerprints differ" in bad.stderr

@@ -466,32 +466,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
             row["curve"] = curve
         rows[name] = row
         del trainer, policy
-    if cfg.is_sweep:
-        from iapo_jax.evaluation.kl_sweep import write_sweep_report
-
-        matched = write_sweep_report(cfg, rows, ctx.run_dir, eval_pool.scores)
-        log("\nwin rate at matched KL (interpolated along each sweep curve):\n" + matched)
-    table = results_table(cfg, rows)
-    differences = []
-    if not cfg.is_sweep and len(cfg.methods) > 1:
-        differences = compare_methods(cfg, rows, eval_pool.scores)
-        table += ("\nDifferences between methods: the same held-out prompts and reference samples, "
-                  "prompts resampled jointly (paired bootstrap):\n\n" + differences_table(differences))
-    for name, (_, judged_ref) in judged.items():
-        table += "\n" + judged_table(rows, name, cfg.procedure, cfg.deploy_n, cfg.reward)
-        if not cfg.is_sweep and len(cfg.methods) > 1:
-            rows_j = compare_methods(cfg, rows, eval_pool.scores, judge=(name, judged_ref))
-            differences += [{**d, "judge": name} for d in rows_j]
-            table += "\nDifferences between methods judged by " + name + ":\n\n" + differences_table(rows_j)
-    (ctx.run_dir / "results.md").write_text(table)
-    (ctx.run_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
-    if differences:
-        (ctx.run_dir / "differences.json").write_text(json.dumps(differences, indent=2))
-    if any("curve" in r for r in rows.values()):
-        from iapo_jax.evaluation.learning_curves import write_learning_curves
-
-        write_learning_curves(cfg, rows, ctx.run_dir)
-    plot_win_rates(cfg, rows, ctx.run_dir / "win_rates.png")
+    table, differences = write_results(cfg, rows, eval_pool.scores, ctx.run_dir, judged)
     log("\n" + table)
     metrics: dict[str, Any] = {}
     for name, r in rows.items():
@@ -508,6 +483,46 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         metrics[f"difference.{key}"] = d["difference"]
         metrics[f"minimum_detectable.{key}"] = d["minimum_detectable"]
     return metrics
+
+
+def write_results(cfg: CompareConfig, rows: dict[str, dict], reference_scores, out_dir: Path,
+                  judged: dict | None = None) -> tuple[str, list[dict]]:
+    """The run's report from its rows: results.md/.json, the paired differences between methods,
+    learning curves, plots, and a sweep's matched-KL read-out. Returns the report's text and the
+    differences. Also re-renders a report from joined runs' results.json.
+
+    reference_scores: the reference's held-out evaluation scores [prompts, samples];
+    judged: judge name -> (judge, its scores of those samples)."""
+    out_dir = Path(out_dir)
+    judged = judged or {}
+    text = ""
+    if cfg.is_sweep:
+        from iapo_jax.evaluation.kl_sweep import write_sweep_report
+
+        text = ("win rate at matched KL (interpolated along each sweep curve):\n"
+                + write_sweep_report(cfg, rows, out_dir, reference_scores) + "\n")
+    table = results_table(cfg, rows)
+    differences = []
+    if not cfg.is_sweep and len(cfg.methods) > 1:
+        differences = compare_methods(cfg, rows, reference_scores)
+        table += ("\nDifferences between methods: the same held-out prompts and reference samples, "
+                  "prompts resampled jointly (paired bootstrap):\n\n" + differences_table(differences))
+    for name, (_, judged_ref) in judged.items():
+        table += "\n" + judged_table(rows, name, cfg.procedure, cfg.deploy_n, cfg.reward)
+        if not cfg.is_sweep and len(cfg.methods) > 1:
+            rows_j = compare_methods(cfg, rows, reference_scores, judge=(name, judged_ref))
+            differences += [{**d, "judge": name} for d in rows_j]
+            table += "\nDifferences between methods judged by " + name + ":\n\n" + differences_table(rows_j)
+    (out_dir / "results.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=2, default=float))
+    if differences:
+        (out_dir / "differences.json").write_text(json.dumps(differences, indent=2))
+    if any("curve" in r for r in rows.values()):
+        from iapo_jax.evaluation.learning_curves import write_learning_curves
+
+        write_learning_curves(cfg, rows, out_dir)
+    plot_win_rates(cfg, rows, out_dir / "win_rates.png")
+    return text + table, differences
 
 
 def compare_methods(cfg: CompareConfig, rows: dict[str, dict], reference_scores,
