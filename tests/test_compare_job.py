@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,47 @@ def test_optimal_sweep_point_is_the_optimum_solved_at_its_kl():
         dens /= np.trapezoid(dens, table.u)
         assert np.trapezoid(dens * np.log(dens), table.u) == pytest.approx(p.kl, rel=2e-3)
     assert cfg.ctrl_config("calibrated", beta=0.1, optimal_kl=0.25).optimal_kl is None
+
+
+@pytest.mark.slow
+def test_pools_from_reuses_an_earlier_runs_pools_so_added_methods_pair_with_it(tiny_chat_llama_dir, tmp_path):
+    small = ["--model", tiny_chat_llama_dir, "--reward", "length", "--steps", "1", "--train-prompts", "4",
+             "--eval-prompts", "4", "--pool-size", "8", "--eval-samples", "8", "--max-new-tokens", "8",
+             "--eval-ns", "1", "2", "--no-save-policies"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = _iapo("compare", *small, "--methods", "ctrl", "calibrated", "--run-dir", first, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = _iapo("compare", *small, "--pool-size", "16", "--methods", "raw", "--pools-from", first,
+                    "--run-dir", tmp_path / "refused", cwd=tmp_path)
+    assert refused.returncode == 2 and "pool_size 8 there, 16 here" in refused.stderr
+    assert not (tmp_path / "refused").exists()  # refused before a run directory or any compute
+    added = _iapo("compare", *small, "--methods", "raw", "--pools-from", first, "--run-dir", second, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert f"the pools of {first}" in added.stderr and "reference samples x" not in added.stderr
+    data = [json.loads((run / "manifest.json").read_text())["data"] for run in (first, second)]
+    assert data[0]["pool_train"] == data[1]["pool_train"] and data[0]["pool_eval"] == data[1]["pool_eval"]
+    script = str(Path(__file__).parents[1] / "experiments/ctrl/join_runs.py")
+    joined = subprocess.run([sys.executable, script, str(first), str(second), "--out", str(tmp_path / "joined")],
+                            capture_output=True, text=True, timeout=600)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    pairs = {(d["a"], d["b"]) for d in json.loads((tmp_path / "joined" / "differences.json").read_text())}
+    assert pairs == {("ctrl", "calibrated"), ("ctrl", "raw"), ("calibrated", "raw")}
+
+
+def test_pools_from_must_be_a_compare_run_that_sampled_pools_as_this_run_would(tmp_path):
+    from iapo_jax.evaluation.reused_pools import check_pools_from
+
+    run = tmp_path / "run"
+    cfg = CompareConfig(pools_from=str(run))
+    with pytest.raises(ValueError, match="no manifest.json there"):
+        check_pools_from(cfg)
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"job": "compare", "config": {"seed": 3, "reward": "vader"}}))
+    with pytest.raises(ValueError, match=r"seed 3 there, 0 here"):
+        check_pools_from(cfg)
+    (run / "manifest.json").write_text(json.dumps({"job": "compare", "config": {"seed": 0}}))
+    with pytest.raises(ValueError, match="no pool_train/ folder"):
+        check_pools_from(cfg)
+    (run / "manifest.json").write_text(json.dumps({"job": "ctrl", "config": {}}))
+    with pytest.raises(ValueError, match="is a 'ctrl' run"):
+        check_pools_from(cfg)

@@ -6,7 +6,8 @@ Runs with the same settings and seed sample the same prompts and reference pools
 trained in separate runs (say ctrl and calibrated in one, raw and bon-distill in a second) are
 compared as if trained in one: the same results.md, paired differences between every two methods,
 learning curves and plots that `iapo compare` writes, or for sweeps the matched-KL read-out.
-The script refuses runs whose settings (other than methods) or held-out reference pools differ.
+The script refuses runs whose settings (other than methods and pools_from) or held-out reference
+pools differ; a run that added methods later with `--pools-from FIRST_RUN` shares the pools exactly.
 
 The paired differences need the reference's held-out scores: the first run's pool_eval folder,
 or --reference-pool (checked against the runs' recorded fingerprint). A sweep joins without one
@@ -19,11 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from iapo_jax.data.fingerprint import fingerprint
 from iapo_jax.evaluation.comparison import CompareConfig, write_results
-from iapo_jax.evaluation.judges import judge_scores
 from iapo_jax.rewards.calibration import ReferencePool
-from iapo_jax.rewards.spec import build_reward, parse_reward_spec
 
 
 def load(run: Path) -> tuple[dict, dict]:
@@ -45,9 +46,10 @@ def joined(runs: list[Path]) -> tuple[CompareConfig, dict, str]:
             raise SystemExit(f"{run}: methods {twice} are in an earlier run too; join runs of different methods")
         methods += manifest["config"]["methods"]
         rows.update(run_rows)  # the reference rows are identical when the pools are
-    first = {k: v for k, v in manifests[0]["config"].items() if k != "methods"}
+    free = ("methods", "pools_from")  # where the pools came from does not change them (fingerprints checked)
+    first = {k: v for k, v in manifests[0]["config"].items() if k not in free}
     for run, manifest in zip(runs[1:], manifests[1:]):
-        other = {k: v for k, v in manifest["config"].items() if k != "methods"}
+        other = {k: v for k, v in manifest["config"].items() if k not in free}
         if other != first:
             diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
             raise SystemExit(f"{run}: settings differ from {runs[0]} in {diff}; only methods may differ")
@@ -80,10 +82,8 @@ def main() -> None:
     if pool is None and not cfg.is_sweep:
         raise SystemExit("no held-out reference pool: the paired differences need it. Pass --reference-pool "
                          "with the pool_eval folder of one of the runs")
-    judged = {}
-    if pool is not None and cfg.judges:  # the judges' scores of the reference samples, as compare took them
-        judged = {j: (None, judge_scores(build_reward(parse_reward_spec(j)), pool.prompts, pool.responses))
-                  for j in cfg.judges}
+    # The judges' scores of the reference's samples, as compare recorded them.
+    judged = {j: (None, np.asarray(rows["reference"]["judges"][j]["scores"])) for j in cfg.judges}
     args.out.mkdir(parents=True, exist_ok=True)
     text, _ = write_results(cfg, rows, None if pool is None else pool.scores, args.out, judged)
     print(text)

@@ -28,8 +28,11 @@ def run_as(job: str, cfg: CompareConfig) -> dict:
     )
     from iapo_jax.evaluation.comparison import run_comparison
 
+    from iapo_jax.evaluation.reused_pools import check_pools_from
+
     try:
         cfg.validate()
+        check_pools_from(cfg)
     except ValueError as err:
         raise JobInputError(str(err)) from None
     # Bad models or rewards are one-line errors before anything loads.

@@ -120,6 +120,11 @@ class CompareConfig:
     prediction at that KL go to the metrics and to learning_curves.md/.png (0 = off)."""
     probe_samples: int = 8
     """Samples per held-out prompt at each probe (at least deploy_n)."""
+    pools_from: str | None = None
+    """An earlier compare run directory whose calibration and evaluation pools this run reuses
+    instead of sampling them (its model, dtype, reward, prompts, pool sizes, max_new_tokens and
+    seed must equal this run's): methods added later are then paired with that run's
+    (experiments/ctrl/join_runs.py)."""
 
     def validate(self) -> "CompareConfig":
         if self.procedure not in ("bon", "won", "soft_bon"):
@@ -375,7 +380,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
     import iapo_jax
     from iapo_jax.alignment.ctrl import CTRLTrainer
     from iapo_jax.data.prompts import load_chat_prompts
-    from iapo_jax.rewards.pools import sample_reference_pool
+    from iapo_jax.evaluation.reused_pools import load_pools_from
     from iapo_jax.rewards.spec import build_reward, parse_reward_spec
 
     cfg.validate()
@@ -394,16 +399,11 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         reference = iapo_jax.load_model(source, dtype=cfg.dtype)
         tokenizer = iapo_jax.load_tokenizer(source)
     with ctx.timer("calibrate"):
-        log(f"calibrate: {cfg.pool_size} reference samples x {len(train)} training prompts")
-        pool = sample_reference_pool(reference, tokenizer, reward, train, m=cfg.pool_size,
-                                     max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(key, 1),
-                                     per_call=samples_per_call(cfg.pool_size, len(train)),
-                                     progress=lambda it: ctx.progress(it, desc="calibrate"))
-        eval_pool = sample_reference_pool(reference, tokenizer, reward, held_out, m=cfg.eval_samples,
-                                          max_new_tokens=cfg.max_new_tokens,
-                                          key=jax.random.fold_in(key, 2),
-                                          per_call=samples_per_call(cfg.eval_samples, len(held_out)),
-                                          progress=lambda it: ctx.progress(it, desc="reference eval"))
+        if cfg.pools_from:
+            log(f"calibrate: the pools of {cfg.pools_from}")
+            pool, eval_pool = load_pools_from(cfg, train, held_out)
+        else:
+            pool, eval_pool = _sample_pools(cfg, ctx, log, reference, tokenizer, reward, train, held_out, key)
         # Named like `iapo calibrate`'s pools, so `iapo eval` and `ctrl --pool-dir` can use them.
         meta = {"job": ctx.job, "model": source, "dtype": cfg.dtype, **spec.pool_meta(),
                 "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -483,6 +483,25 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
         metrics[f"difference.{key}"] = d["difference"]
         metrics[f"minimum_detectable.{key}"] = d["minimum_detectable"]
     return metrics
+
+
+def _sample_pools(cfg: CompareConfig, ctx, log, reference, tokenizer, reward, train, held_out, key):
+    """The reference's calibration pool on the training prompts and its evaluation samples on the
+    held-out prompts (separate draws)."""
+    import jax
+
+    from iapo_jax.rewards.pools import sample_reference_pool
+
+    log(f"calibrate: {cfg.pool_size} reference samples x {len(train)} training prompts")
+    pool = sample_reference_pool(reference, tokenizer, reward, train, m=cfg.pool_size,
+                                 max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(key, 1),
+                                 per_call=samples_per_call(cfg.pool_size, len(train)),
+                                 progress=lambda it: ctx.progress(it, desc="calibrate"))
+    eval_pool = sample_reference_pool(reference, tokenizer, reward, held_out, m=cfg.eval_samples,
+                                      max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(key, 2),
+                                      per_call=samples_per_call(cfg.eval_samples, len(held_out)),
+                                      progress=lambda it: ctx.progress(it, desc="reference eval"))
+    return pool, eval_pool
 
 
 def write_results(cfg: CompareConfig, rows: dict[str, dict], reference_scores, out_dir: Path,
