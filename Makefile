@@ -23,7 +23,7 @@ quickstart: $(STAMP)
 	$(BIN)/iapo quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
