@@ -135,8 +135,9 @@ def test_join_runs_joins_sweeps_that_differ_only_in_methods(tmp_path):
     script = JOIN
     ref = _row("reference", 0.0, 0.5)
     a = _fake_run(tmp_path / "a", ["ctrl"], {"reference": ref, "c": _row("ctrl", 1.0, 0.7)})
+    # b records a setting that a had not yet (a's record predates it): a ran with its default
     b = _fake_run(tmp_path / "b", ["raw"], {"reference": ref, "r": _row("raw", 0.5, 0.6),
-                                            "s": _row("raw", 2.0, 0.9)})
+                                            "s": _row("raw", 2.0, 0.9)}, kl_controller="proportional")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, script, str(a), str(b), "--out", str(out)], capture_output=True,
                           text=True, timeout=300)

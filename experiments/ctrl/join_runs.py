@@ -17,11 +17,14 @@ or --reference-pool (checked against the runs' recorded fingerprint). A sweep jo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
+from iapo_jax.commands import compare as compare_job
+from iapo_jax.commands.configs import recorded_config
 from iapo_jax.data.fingerprint import fingerprint
 from iapo_jax.evaluation.comparison import CompareConfig, write_results
 from iapo_jax.rewards.calibration import ReferencePool
@@ -31,6 +34,10 @@ def load(run: Path) -> tuple[dict, dict]:
     manifest = json.loads((run / "manifest.json").read_text())
     # Runs recorded before warmup existed trained without it; None now means "10% of steps".
     manifest["config"].setdefault("warmup_steps", 0)
+    # Keys added since a run was recorded: the values it ran with (reproduce's rule), else the default.
+    defaults = {f.name: f.default for f in dataclasses.fields(CompareConfig) if f.default is not dataclasses.MISSING}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as JSON records them
+    manifest["config"] = {**defaults, **recorded_config(compare_job, manifest["config"])}
     rows = json.loads((run / "results.json").read_text())
     return manifest, rows
 
