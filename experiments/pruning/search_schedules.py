@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from scipy.stats import spearmanr
 
 from iapo_jax.commands.job_inputs import build_reward, load_model_and_tokenizer, load_prompts, reward_spec
 from iapo_jax.decoding.sampler import decode_texts, sample
@@ -124,9 +125,18 @@ def main() -> None:
         w = per_prompt_win_rates(served[:, None], rec["pool"], "sampling", 1)
         d = paired_bootstrap_difference(w, w_full, num_resamples=4000, seed=0)
         r.update(diff_low=d.ci_low, diff_high=d.ci_high)
-    (args.out / "schedules.json").write_text(json.dumps({"prompts": len(rec["final"]), "rows": rows}, indent=1))
+    # How well the partial text ranks the branches by their final score, per checkpoint length.
+    rank = {c: float(np.nanmean([spearmanr(rec["partial"][i, :, j], rec["final"][i]).statistic
+                                 for i in range(len(rec["final"])) if np.ptp(rec["partial"][i, :, j]) > 0]))
+            for j, c in enumerate(GRID)}
+    summary = {"prompts": len(rec["final"]), "full_win_rate": float(w_full.mean()),
+               "min_saving": args.min_saving, "schedules_reaching_it": len(rows),
+               "spearman_partial_final": rank, "best": rows[:50]}
+    (args.out / "schedules.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"{len(rows)} schedules save at least {args.min_saving}x tokens on {len(rec['final'])} training prompts; "
           f"full best-of-{args.n} wins {w_full.mean():.3f}")
+    print("rank correlation of partial and final VADER by checkpoint: "
+          + ", ".join(f"{c}: {r:.2f}" for c, r in rank.items()))
     for r in rows[:15]:
         ci = f" [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]" if "diff_low" in r else ""
         print(f"{r['schedule']:>18}  tokens x{r['saving']:.2f}  pruned - full {100 * r['diff']:+.2f}{ci} points  "
