@@ -9,7 +9,8 @@ learning curves and plots that `iapo compare` writes, or for sweeps the matched-
 The script refuses runs whose settings (other than methods and pools_from) or held-out reference
 pools differ; a run that added methods later with `--pools-from FIRST_RUN` shares the pools exactly.
 
-The paired differences need the reference's held-out scores: the first run's pool_eval folder,
+The paired differences need the reference's held-out scores: the pool_eval folder of the first
+run that has one,
 or --reference-pool (checked against the runs' recorded fingerprint). A sweep joins without one
 (the matched-KL table only); a single-target join refuses to.
 """
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reference-pool", type=Path, default=None,
-                        help="the runs' held-out reference pool (default: the first run's pool_eval folder)")
+                        help="the runs' held-out reference pool (default: the pool_eval folder of the first run that has one)")
     args = parser.parse_args()
     cfg, rows, pool_sha = joined(args.runs)
     pool = reference_pool(args.runs, args.reference_pool, pool_sha)

@@ -29,7 +29,8 @@ from iapo_jax.commands.job_inputs import build_reward, load_model_and_tokenizer,
 from iapo_jax.decoding.sampler import decode_texts, sample
 from iapo_jax.evaluation.win_rates import paired_bootstrap_difference, per_prompt_win_rates
 
-GRID = tuple(range(4, 48, 4))  # checkpoint lengths the record covers (tokens)
+MAX_NEW_TOKENS = 48  # the response length of the pruning page's runs (run_smollm2.py's default)
+GRID = tuple(range(4, MAX_NEW_TOKENS, 4))  # checkpoint lengths the record covers (tokens)
 
 
 def record(args) -> dict[str, np.ndarray]:
@@ -41,14 +42,14 @@ def record(args) -> dict[str, np.ndarray]:
     for i in range(0, len(prompts), args.batch_prompts):
         chunk = prompts[i:i + args.batch_prompts]
         rep = [p for p in chunk for _ in range(args.n)]
-        out = sample(model, chunk, n=args.n, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer,
+        out = sample(model, chunk, n=args.n, max_new_tokens=MAX_NEW_TOKENS, tokenizer=tokenizer,
                      key=jax.random.fold_in(jax.random.key(args.seed), i))
         toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
         cols = [reward.score(rep, list(decode_texts(tokenizer, toks, np.minimum(lens, t)))) for t in GRID]
         partial.append(np.asarray(cols, np.float64).T.reshape(len(chunk), args.n, len(GRID)))
         final.append(np.asarray(reward.score(rep, list(out.texts)), np.float64).reshape(len(chunk), args.n))
         lengths.append(lens.reshape(len(chunk), args.n))
-        ref = sample(model, chunk, n=args.pool, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer,
+        ref = sample(model, chunk, n=args.pool, max_new_tokens=MAX_NEW_TOKENS, tokenizer=tokenizer,
                      key=jax.random.fold_in(jax.random.key(args.seed + 10_000), i))
         pool.append(np.asarray(reward.score([p for p in chunk for _ in range(args.pool)], list(ref.texts)),
                                np.float64).reshape(len(chunk), args.pool))
@@ -94,7 +95,6 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--pool", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-prompts", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-saving", type=float, default=2.1, help="token saving a schedule must reach here "
@@ -103,11 +103,18 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "record.npz"
+    # What the record was sampled with: a record from other settings is refused, not silently reused.
+    settings = {"prompts": args.prompts, "n": args.n, "pool": args.pool, "seed": args.seed,
+                "max_new_tokens": MAX_NEW_TOKENS, "grid": list(GRID)}
     if cache.is_file():
         rec = dict(np.load(cache))
+        recorded = json.loads(str(rec.pop("settings")))
+        if recorded != settings:
+            raise SystemExit(f"{cache} was sampled with {recorded}, not {settings}; pass those settings or "
+                             "another --out")
     else:
         rec = record(args)
-        np.savez(cache, **rec)
+        np.savez(cache, **rec, settings=json.dumps(settings))
     full_served, full_tokens = replay(rec, [])
     w_full = per_prompt_win_rates(full_served[:, None], rec["pool"], "sampling", 1)
     rows = []
@@ -118,7 +125,7 @@ def main() -> None:
             continue
         w = per_prompt_win_rates(served[:, None], rec["pool"], "sampling", 1)
         rows.append({"schedule": ",".join(f"{c}:{k}" for c, k in sched), "saving": float(saving),
-                     "diff": float((w - w_full).mean()), "same_served": float(np.mean(served == full_served))})
+                     "diff": float((w - w_full).mean()), "same_served_score": float(np.mean(served == full_served))})
     rows.sort(key=lambda r: -r["diff"])
     for r in rows[:5]:  # the interval only for the leaders (4,000 resamples each)
         served, _ = replay(rec, [tuple(map(int, s.split(":"))) for s in r["schedule"].split(",")])
@@ -140,7 +147,7 @@ def main() -> None:
     for r in rows[:15]:
         ci = f" [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]" if "diff_low" in r else ""
         print(f"{r['schedule']:>18}  tokens x{r['saving']:.2f}  pruned - full {100 * r['diff']:+.2f}{ci} points  "
-              f"same served {r['same_served']:.2f}")
+              f"same served score {r['same_served_score']:.2f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ def run_as(job: str, cfg: CompareConfig) -> dict:
         reward_spec,
     )
     from iapo_jax.evaluation.comparison import run_comparison
-
     from iapo_jax.evaluation.reused_pools import check_pools_from
 
     try:
