@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iapo_jax.theory import soft_bon
+import iapo_jax.theory.soft_bon as soft_bon
 from iapo_jax.theory.densities import Density, density_from_log_tilt, uniform_density
 from iapo_jax.theory.quadrature import Grid, cumulative, refine, resample, unresolved_panels
 from iapo_jax.theory.tilts import log_tilt

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import iapo_jax.theory.soft_bon as soft_bon
 from iapo_jax.theory.densities import Density
-from iapo_jax.theory import soft_bon
 from iapo_jax.theory.quadrature import integrate, interpolate
 
 UNKNOWN = "unknown procedure {!r}; use sampling, bon, won or soft_bon"
