@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+import iapo_jax.models.safetensors_reader as safetensors_reader
 from iapo_jax.errors import CheckpointError
-from iapo_jax.models import safetensors_reader
 from iapo_jax.models.config import DTYPES, ModelConfig
 from iapo_jax.models.gguf_loader import GGUFCheckpoint
 from iapo_jax.models.hf_weights import tensor_rules

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
+import iapo_jax.models.safetensors_reader as safetensors_reader
 from iapo_jax.errors import CheckpointError
-from iapo_jax.models import safetensors_reader
 from iapo_jax.models.checkpoints import DEFAULT_MODEL, resolve_source
 
 
