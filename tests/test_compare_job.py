@@ -110,7 +110,7 @@ def test_bad_comparison_settings_fail_before_compute(kwargs, match):
 def test_optimal_method_is_the_exact_optimum_at_the_target_kl():
     """compare's optimal method trains on the analytic tool's optimal tilt at target_kl, and its
     predicted win rate is the exact optimum's (which no transform's curve beats)."""
-    from iapo_jax.evaluation.comparison import predicted_win_rate
+    from iapo_jax.evaluation.predicted_win_rate import predicted_win_rate
     from iapo_jax.theory.analysis import analyse
 
     cfg = CompareConfig(methods=("ctrl", "optimal"), procedure="soft_bon", lam=0.1, target_kl=0.5).validate()

@@ -334,7 +334,8 @@ def test_decoder_refuses_a_bad_lam_before_compute(llama, kwargs, match, monkeypa
 # --- compare (iapo_jax.evaluation.comparison) ----------------------------------------------------
 
 def test_compare_trains_for_soft_bon_and_evaluates_under_it():
-    from iapo_jax.evaluation.comparison import CompareConfig, evaluate_reference, predicted_win_rate
+    from iapo_jax.evaluation.comparison import CompareConfig, evaluate_reference
+    from iapo_jax.evaluation.predicted_win_rate import predicted_win_rate
 
     cfg = CompareConfig(procedure="soft_bon", lam=0.1, eval_ns=(2, 4)).validate()
     ctrl = cfg.ctrl_config("ctrl")

@@ -28,6 +28,7 @@ import numpy as np
 from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
 from iapo_jax.evaluation.judges import judge_scores, judged_row, judged_table, served_win_rate
 from iapo_jax.evaluation.paired import differences_table, method_differences
+from iapo_jax.evaluation.predicted_win_rate import predicted_win_rate
 
 # method -> (transform for best-of-N deployments, transform for worst-of-N deployments)
 METHODS = {
@@ -301,23 +302,6 @@ def probe(trainer, method: str, t: float | None, reference, tokenizer, reward, e
     if judges:
         point["judges"] = {name: j["win_rates"][deployed_key]["win_rate"] for name, j in row["judges"].items()}
     return point
-
-
-def predicted_win_rate(method: str, cfg: CompareConfig, kl: float, t: float | None = None) -> float | None:
-    """The analytic tool's W^T for the method's transform at the measured KL (None for raw).
-
-    t: CTRL's transform parameter; unset = cfg.t, or the best t at this KL when that is unset too.
-    """
-    from iapo_jax.theory.analysis import analyse
-
-    transform = cfg.ctrl_config(method).transform
-    if transform == "raw" or not (kl > 1e-4):
-        return None
-    t = (t if t is not None else cfg.t) if method == "ctrl" else None
-    try:
-        return float(analyse(cfg.procedure, cfg.deploy_n, transform, kl=kl, t=t, lam=cfg.lam).win_rate)
-    except (ValueError, ArithmeticError):
-        return None
 
 
 def results_table(cfg: CompareConfig, rows: dict[str, dict]) -> str:

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from iapo_jax.evaluation.predicted_win_rate import predicted_win_rate
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
@@ -115,8 +117,6 @@ def matched_kl_table(cfg, rows: dict[str, dict], kls: Sequence[float] | None = N
     would come with a made-up, too narrow interval. Interval ends are interpolated the same way as
     the win rates, so they are approximate.
     """
-    from iapo_jax.evaluation.comparison import predicted_win_rate
-
     key = f"{cfg.procedure}@{cfg.deploy_n}"
     methods = swept_methods(cfg, rows)
     curves = {m: curve(rows, m, key) for m in methods}
@@ -186,8 +186,6 @@ def plot_sweep(cfg, rows: dict[str, dict], path: Path) -> None:
 
 
 def predicted_win_rate_or_nan(method, cfg, kl, t) -> float:
-    from iapo_jax.evaluation.comparison import predicted_win_rate
-
     p = predicted_win_rate(method, cfg, float(kl), t)
     return float("nan") if p is None else p
 
