@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iapo_jax.alignment.ctrl_step import RolloutBatch, StepOptions, make_train_step
-from iapo_jax.parallel.cache_sharding import constrain_cache, shard_cache
+from iapo_jax.decoding.cache_sharding import constrain_cache, shard_cache
 from iapo_jax.parallel.mesh import make_mesh, shard_batch, shard_params
 from iapo_jax.parallel.sharded_step import check_batch_divides, shard_train_state
 

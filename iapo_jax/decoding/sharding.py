@@ -2,7 +2,7 @@
 
 Rows (prompts x branches) go over `data_axis`. Weights follow `iapo_jax.parallel.mesh`'s logical
 rules (vocab / mlp / heads over 'tensor', embed over 'fsdp'), and the KV cache keeps its KV heads
-split over 'tensor' (`iapo_jax.parallel.cache_sharding`), so a tensor-parallel mesh never holds a
+split over 'tensor' (`iapo_jax.decoding.cache_sharding`), so a tensor-parallel mesh never holds a
 full copy of either. A mesh may have any subset of the axes ('data' alone is the common case for
 decoding); rules naming an absent axis are dropped.
 """
@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iapo_jax.models.kv_cache import KVCache
-from iapo_jax.parallel.cache_sharding import constrain_cache
+from iapo_jax.decoding.cache_sharding import constrain_cache
 from iapo_jax.parallel.mesh import DEFAULT_RULES, shard_params
 
 

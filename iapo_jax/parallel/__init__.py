@@ -2,6 +2,5 @@
 
   mesh            make_mesh, logical-axis rules, shard_params / abstract_params / shard_batch
   sharded_step    shard_train_state, sharded_train_step (any trainer's step under a mesh)
-  cache_sharding  kv_cache_sharding / shard_cache / constrain_cache (KV cache over data and tensor)
   distributed     initialize_distributed (call before JAX touches a device), is_main_process
 """
