@@ -21,15 +21,14 @@ class ModelLoaded(BaseException):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    from iapo_jax.models import checkpoints, tokenizer
-    from iapo_jax.runtime import fingerprints
+    from iapo_jax.models import checkpoints, fingerprint, tokenizer
 
     def boom(*args, **kwargs):
         raise ModelLoaded(f"a model was loaded ({args[:1]}) before the bad input was refused")
 
     monkeypatch.setattr(checkpoints, "load_model", boom)
     monkeypatch.setattr(tokenizer, "load_tokenizer", boom)
-    monkeypatch.setattr(fingerprints, "model_fingerprint", boom)
+    monkeypatch.setattr(fingerprint, "model_fingerprint", boom)
 
 
 @pytest.fixture

@@ -322,7 +322,7 @@ class JobContext:
     # -- fingerprints of what the run read and wrote ---------------------------------------------
     def fingerprint_model(self, name: str, source: Any) -> str:
         """Content hash of a model's weights (streamed), so a replaced checkpoint is noticed."""
-        from iapo_jax.runtime.fingerprints import model_fingerprint
+        from iapo_jax.models.fingerprint import model_fingerprint
 
         with self.timer("fingerprints"):
             info = model_fingerprint(source)

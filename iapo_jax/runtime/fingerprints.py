@@ -43,14 +43,6 @@ def tree_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(source: str | os.PathLike) -> dict[str, Any]:
-    """The weights (and config, tokenizer) of a model source: {"sha256", "format", "source"}."""
-    from iapo_jax.models.checkpoints import resolve_source
-
-    kind, path = resolve_source(source)
-    return {"sha256": tree_fingerprint(path), "format": kind, "source": str(source)}
-
-
 def _trained_head_files(path: Path) -> list[Path]:
     """What loading a trained reward model or prefix scorer reads from its run directory."""
     wanted = [path / "head_model.json", path / "checkpoints"]
