@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iapo_jax.alignment import lora
+from iapo_jax.models import lora
 
 
 class Block(nnx.Module):

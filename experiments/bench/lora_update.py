@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 
 import iapo_jax
-from iapo_jax.alignment import lora
 from iapo_jax.alignment.ctrl_step import RolloutBatch, StepOptions, make_train_step
 from iapo_jax.commands.bench import machine_name
+from iapo_jax.models import lora
 
 SETUPS = {"full": StepOptions(), "lora merged": StepOptions(lora_rank=8, lora_merged_update=True),
           "lora factored": StepOptions(lora_rank=8)}

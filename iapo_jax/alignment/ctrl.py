@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iapo_jax.alignment import lora, losses
+from iapo_jax.alignment import losses
 from iapo_jax.alignment.ctrl_config import CTRLConfig
 from iapo_jax.alignment.ctrl_step import (
     RolloutBatch,
@@ -32,6 +32,7 @@ from iapo_jax.alignment.ctrl_step import (
 from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.sampler import sample_batch
+from iapo_jax.models import lora
 from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
 from iapo_jax.rewards.calibration import ReferencePool
 from iapo_jax.rewards.transforms import TRANSFORMS, get_transform, optimal_table

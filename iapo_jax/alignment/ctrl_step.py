@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from iapo_jax.alignment import lora, losses
+from iapo_jax.alignment import losses
 from iapo_jax.decoding.reference import response_logprobs
+from iapo_jax.models import lora
 from iapo_jax.parallel.sharded_step import compile_train_step
 
 

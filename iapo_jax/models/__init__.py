@@ -1,4 +1,4 @@
-"""One Flax NNX decoder (Llama and GPT-2 families), scalar heads, and checkpoint loading/saving."""
+"""One Flax NNX decoder (Llama and GPT-2 families), scalar heads, LoRA, and checkpoint loading/saving."""
 
 from iapo_jax.models.checkpoints import default_model_path, load_config, load_model, save_hf
 from iapo_jax.models.config import ModelConfig

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from iapo_jax.alignment import lora
+from iapo_jax.models import lora
 
 MODES = ("full", "lora", "head")
 HEAD_KEYS = ("head", "head_bias")  # the scalar head's parameters in heads._ScalarHeadModel
