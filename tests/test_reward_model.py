@@ -13,6 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from iapo_jax.alignment.reward_model_training import (
+    RewardModelTrainer,
+    RewardTrainConfig,
+    encode_preference_splits,
+    pooled_features,
+)
 from iapo_jax.models import RewardModel, load_model, load_tokenizer
 from iapo_jax.rewards.head_checkpoints import (
     HeadModelError,
@@ -27,12 +33,6 @@ from iapo_jax.rewards.preference_pairs import (
 )
 from iapo_jax.rewards.registry import get_reward
 from iapo_jax.rewards.reward_model import JaxRewardModel, score_arrays, sequence_ids
-from iapo_jax.rewards.reward_model_training import (
-    RewardModelTrainer,
-    RewardTrainConfig,
-    encode_preference_splits,
-    pooled_features,
-)
 from iapo_jax.rewards.trainable import (
     Finetune,
     OptimizerConfig,

@@ -15,9 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 from iapo_jax.alignment import prefix_scorer as ps
 from iapo_jax.alignment.prefix_rollouts import Rollouts
+from iapo_jax.alignment.reward_model_training import PairArrays, RewardModelTrainer, RewardTrainConfig
 from iapo_jax.models import RewardModel, ValueModel, load_model
 from iapo_jax.parallel.mesh import make_mesh
-from iapo_jax.rewards.reward_model_training import PairArrays, RewardModelTrainer, RewardTrainConfig
 
 LR = 1e-3
 W, PROMPT, RESPONSE = 16, 8, 6

@@ -33,6 +33,7 @@ from jax import lax
 
 from iapo_jax.alignment import losses
 from iapo_jax.alignment.prefix_rollouts import Rollouts, check_rollouts, response_mask
+from iapo_jax.alignment.reward_model_training import epoch_batches
 from iapo_jax.decoding.loop import prompt_positions
 from iapo_jax.decoding.scorers import take_slots
 from iapo_jax.parallel.sharded_step import (
@@ -44,7 +45,6 @@ from iapo_jax.rewards.head_checkpoints import (
     restore_training_state,
     save_training_state,
 )
-from iapo_jax.rewards.reward_model_training import epoch_batches
 from iapo_jax.rewards.trainable import (
     Finetune,
     OptimizerConfig,

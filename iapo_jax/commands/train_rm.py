@@ -149,7 +149,7 @@ def check_config(cfg: TrainRMConfig) -> None:
 
 
 def train_config(cfg: TrainRMConfig):
-    from iapo_jax.rewards.reward_model_training import RewardTrainConfig
+    from iapo_jax.alignment.reward_model_training import RewardTrainConfig
 
     return RewardTrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, margin=cfg.margin, margin_from_gap=cfg.margin_from_gap,
@@ -213,7 +213,7 @@ def run(cfg: TrainRMConfig) -> dict:
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
     from iapo_jax.rewards.preference_pairs import load_pairs, save_pairs
-    from iapo_jax.rewards.reward_model_training import (
+    from iapo_jax.alignment.reward_model_training import (
         RewardModelTrainer,
         encode_preference_splits,
     )

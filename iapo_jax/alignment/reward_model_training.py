@@ -1,13 +1,13 @@
 """Bradley-Terry reward-model training: a jit-compiled pure step, a trainer, held-out accuracy.
 
-Pairs (``preference_pairs``) are tokenised like the reward adapter tokenises at scoring time
-(``reward_model.sequence_ids``), so a model trained here scores served responses the same way.
-One step scores chosen and rejected rows in a single forward pass and minimises
+Pairs (``rewards.preference_pairs``) are tokenised like the reward adapter tokenises at scoring
+time (``rewards.reward_model.sequence_ids``), so a model trained here scores served responses the
+same way. One step scores chosen and rejected rows in a single forward pass and minimises
 
     -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m) [+ center_coef * mean((r_c + r_r)^2)]
 
 with m = margin + margin_from_gap * (the ranking scorer's gap) (``alignment.losses``), using AdamW
-on a warmup-cosine schedule. In mode 'head' (``trainable``) the backbone is frozen, so the
+on a warmup-cosine schedule. In mode 'head' (``rewards.trainable``) the backbone is frozen, so the
 pooled hidden states (``heads.pool_hidden``) are computed once and each step trains the head on them.
 """
 
