@@ -166,7 +166,6 @@ def run(cfg: TrainScorerConfig) -> dict:
         save_rollouts,
     )
     from iapo_jax.alignment.prefix_scorer import PrefixScorerTrainer
-    from iapo_jax.alignment.prefix_scorer_eval import blockwise_win_rate
     from iapo_jax.commands.common import job_context
     from iapo_jax.commands.job_inputs import (
         build_reward,
@@ -176,6 +175,7 @@ def run(cfg: TrainScorerConfig) -> dict:
         resolve_model_source,
         reward_spec,
     )
+    from iapo_jax.evaluation.blockwise_win_rate import blockwise_win_rate
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
 
