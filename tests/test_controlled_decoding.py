@@ -12,7 +12,7 @@ from scipy import stats
 
 from iapo_jax.decoding.best_of_n import best_of_n
 from iapo_jax.decoding.blockwise import blockwise_cd
-from iapo_jax.decoding.sampler import sample
+from iapo_jax.decoding.engine import sample
 from iapo_jax.decoding.scorers import PrefixFn
 from iapo_jax.decoding.token_cd import token_cd
 

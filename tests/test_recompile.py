@@ -6,7 +6,7 @@ import pytest
 
 from iapo_jax.decoding import best_of_n as bon_mod
 from iapo_jax.decoding import blockwise as bw_mod
-from iapo_jax.decoding import sampler as sampler_mod
+from iapo_jax.decoding import engine
 from iapo_jax.decoding import token_cd as tcd_mod
 from iapo_jax.decoding.scorers import PrefixFn
 
@@ -27,16 +27,16 @@ def _sizes(*fns):
 
 
 def test_sampling_settings_do_not_recompile(llama):
-    fns = (sampler_mod.start_jit, sampler_mod.decode_jit, sampler_mod.ref_logprobs_jit)
-    sampler_mod.sample(llama, PROMPTS, max_new_tokens=6, key=0, ref_model=llama)
+    fns = (engine.start_jit, engine.decode_jit, engine.ref_logprobs_jit)
+    engine.sample(llama, PROMPTS, max_new_tokens=6, key=0, ref_model=llama)
     before = _sizes(*fns)
     for kw in [dict(temperature=0.3), dict(top_k=5), dict(top_p=0.5), dict(greedy=True),
                dict(temperature=[0.5, 2.0], top_k=[0, 3], top_p=[0.9, 1.0], greedy=[True, False]),
                dict(key=123), dict(max_new_tokens=[2, 7]), dict(stop_tokens=[[3, 4], [5]])]:
         kw = {"max_new_tokens": 6, **kw}
-        sampler_mod.sample(llama, PROMPTS, ref_model=llama, **kw)
+        engine.sample(llama, PROMPTS, ref_model=llama, **kw)
     # Other prompt lengths in the same prompt bucket, too.
-    sampler_mod.sample(llama, [[7] * 12, [8]], max_new_tokens=5, ref_model=llama)
+    engine.sample(llama, [[7] * 12, [8]], max_new_tokens=5, ref_model=llama)
     assert _sizes(*fns) == before
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from iapo_jax.decoding.engine import Sampler, sample, split_model, start_jit
 from iapo_jax.decoding.inputs import prepare
-from iapo_jax.decoding.sampler import Sampler, sample, split_model, start_jit
 
 # Mixed lengths: the batch is left-padded, so every row must behave as if it were alone.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
@@ -161,12 +161,12 @@ def test_tensor_parallel_decoding_shards_weights_and_cache(llama):
     ],
 )
 def test_bad_input_is_rejected_before_compute(llama, kwargs, message, monkeypatch):
-    from iapo_jax.decoding import sampler as sampler_mod
+    from iapo_jax.decoding import engine
 
     def no_compute(*a, **k):
         raise AssertionError("compute started before validation")
 
-    monkeypatch.setattr(sampler_mod, "start_jit", no_compute)
+    monkeypatch.setattr(engine, "start_jit", no_compute)
     kw = dict(prompts=[[5, 6, 7]], max_new_tokens=4)
     kw.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):

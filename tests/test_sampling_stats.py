@@ -18,8 +18,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from iapo_jax.decoding.engine import sample
 from iapo_jax.decoding.filters import sample_next, sampling_params
-from iapo_jax.decoding.sampler import sample
 
 P_MIN = 1e-3
 PROMPT = [5, 6, 7, 8, 9]

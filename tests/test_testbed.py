@@ -22,7 +22,7 @@ def single_pool(single):
 
 def test_enumeration_is_the_sampler_distribution(single):
     """Token frequencies of 20k sampler draws match the enumerated softmax (chi-square, fixed seed)."""
-    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.engine import sample
 
     setting, ref_logp = single
     out = sample(setting.reference, [setting.prompts[0]], max_new_tokens=1, n=20_000, key=3,

@@ -31,8 +31,8 @@ import numpy as np
 from iapo_jax.commands.bench import machine_name
 from iapo_jax.commands.job_inputs import build_reward, load_model_and_tokenizer, load_prompts, reward_spec
 from iapo_jax.decoding.best_of_n import best_of_n
+from iapo_jax.decoding.engine import sample
 from iapo_jax.decoding.pruned_best_of_n import PruneSchedule, pruned_best_of_n
-from iapo_jax.decoding.sampler import sample
 from iapo_jax.evaluation.win_rates import paired_bootstrap_difference, per_prompt_win_rates
 from iapo_jax.rewards.spec import build_scorers
 

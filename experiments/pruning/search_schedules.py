@@ -26,7 +26,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from iapo_jax.commands.job_inputs import build_reward, load_model_and_tokenizer, load_prompts, reward_spec
-from iapo_jax.decoding.sampler import decode_texts, sample
+from iapo_jax.decoding.engine import decode_texts, sample
 from iapo_jax.evaluation.win_rates import paired_bootstrap_difference, per_prompt_win_rates
 
 MAX_NEW_TOKENS = 48  # the response length of the pruning page's runs (run_smollm2.py's default)

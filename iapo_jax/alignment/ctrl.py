@@ -30,8 +30,8 @@ from iapo_jax.alignment.ctrl_step import (
     sequence_rewards_to_advantages,
 )
 from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
+from iapo_jax.decoding.engine import sample_batch
 from iapo_jax.decoding.inputs import prepare
-from iapo_jax.decoding.sampler import sample_batch
 from iapo_jax.models import lora
 from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
 from iapo_jax.rewards.calibration import ReferencePool

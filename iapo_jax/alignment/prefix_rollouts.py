@@ -92,7 +92,7 @@ def sample_rollouts(reference, tokenizer, prompts: Sequence[str], reward, *, n: 
     Returns (Rollouts with rows prompt-major, response texts, the prompt of each row).
     """
     from iapo_jax.decoding.inputs import prepare
-    from iapo_jax.decoding.sampler import sample_batch
+    from iapo_jax.decoding.engine import sample_batch
     from iapo_jax.rewards.preference_pairs import padded_chunks, prompt_bucket
 
     prompts = list(prompts)

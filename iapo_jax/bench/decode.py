@@ -90,7 +90,7 @@ def _timed(fn, repeats: int) -> tuple[float, list[float], float]:
 def _our_call(model, prompts, mode: str, n: int, new_tokens: int, block_size: int):
     from iapo_jax.decoding.best_of_n import best_of_n
     from iapo_jax.decoding.blockwise import blockwise_cd
-    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.engine import sample
 
     scorer = _cheap_scorer()
 

@@ -107,7 +107,7 @@ def run(cfg: CalibrateConfig) -> dict:
     )
     from iapo_jax.commands.job_outputs import digest_number, tie_fraction
     from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
-    from iapo_jax.decoding.sampler import decode_texts, sample
+    from iapo_jax.decoding.engine import decode_texts, sample
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.calibration import ReferencePool
 

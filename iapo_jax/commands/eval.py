@@ -237,7 +237,7 @@ def run(cfg: EvalConfig) -> dict:
     )
     from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl, write_text
     from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
-    from iapo_jax.decoding.sampler import decode_texts, sample
+    from iapo_jax.decoding.engine import decode_texts, sample
     from iapo_jax.evaluation.kl import sample_kl
     from iapo_jax.evaluation.paired import paired_rows, paired_table
     from iapo_jax.rewards.calibration import ReferencePool

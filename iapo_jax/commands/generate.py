@@ -154,7 +154,7 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
     from iapo_jax.decoding.best_of_n import best_of_n
     from iapo_jax.decoding.blockwise import blockwise_cd
     from iapo_jax.decoding.pruned_best_of_n import pruned_best_of_n
-    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.engine import sample
     from iapo_jax.decoding.token_cd import token_cd
 
     common = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
@@ -206,7 +206,7 @@ def run(cfg: GenerateConfig) -> dict:
     from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
     from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
     from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
-    from iapo_jax.decoding.sampler import decode_texts
+    from iapo_jax.decoding.engine import decode_texts
 
     check_config(cfg)
     with job_context("generate", cfg) as ctx:

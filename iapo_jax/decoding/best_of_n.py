@@ -21,11 +21,11 @@ import numpy as np
 from flax import nnx, struct
 
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
+from iapo_jax.decoding.engine import decode_jit, decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.filters import DEFAULT_CAP
 from iapo_jax.decoding.inputs import as_key, prepare
 from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
 from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice
-from iapo_jax.decoding.sampler import decode_jit, decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.scorers import as_scorer_set, final_scores, host_scores, host_weights
 
 

@@ -21,11 +21,11 @@ from flax import nnx, struct
 
 from iapo_jax.decoding.best_of_n import select
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
+from iapo_jax.decoding.engine import decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.filters import DEFAULT_CAP
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.kl_bounds import blockwise_kl_bound
 from iapo_jax.decoding.loop import DecodeRules, DecodeState, decode, plain_choice
-from iapo_jax.decoding.sampler import decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.scorers import (
     as_scorer_set,
     block_scores,

@@ -27,10 +27,10 @@ from flax import nnx, struct
 from iapo_jax.decoding.best_of_n import ServedResponse, final_scores_jit, select
 from iapo_jax.decoding.blockwise import start_states_jit
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
+from iapo_jax.decoding.engine import decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.filters import DEFAULT_CAP, sample_next
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.loop import DecodeRules, DecodeState, decode
-from iapo_jax.decoding.sampler import decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.scorers import (
     as_scorer_set,
     block_scores,

@@ -21,10 +21,10 @@ from flax import nnx
 from jax import lax
 
 from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
+from iapo_jax.decoding.engine import SampleOutput, decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.filters import inverse_cdf
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.loop import DecodeRules, decode
-from iapo_jax.decoding.sampler import SampleOutput, decode_texts, split_model, start_jit, trim
 from iapo_jax.decoding.scorers import as_scorer_set, candidate_values, commit_candidates, start_states
 
 

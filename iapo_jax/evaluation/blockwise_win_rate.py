@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from iapo_jax.decoding.blockwise import blockwise_cd
-from iapo_jax.decoding.sampler import sample
+from iapo_jax.decoding.engine import sample
 from iapo_jax.evaluation.win_rates import bootstrap_win_rate
 
 

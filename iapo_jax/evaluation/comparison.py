@@ -240,7 +240,7 @@ def evaluate_policy(policy, reference, tokenizer, reward, eval_pool, cfg: Compar
     """Win rates of fresh policy samples (`samples` per prompt, default cfg.eval_samples) against
     the reference pool, and the sample KL. judges: name -> (judge reward, its [P, m] scores of the
     reference's evaluation samples); each rescores the policy's samples (row['judges'])."""
-    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.engine import sample
     from iapo_jax.evaluation.kl import per_prompt_kl, sample_kl
 
     import jax

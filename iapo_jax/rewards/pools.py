@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from iapo_jax.decoding.sampler import sample
+from iapo_jax.decoding.engine import sample
 from iapo_jax.rewards.base import check_scores
 from iapo_jax.rewards.calibration import ReferencePool
 

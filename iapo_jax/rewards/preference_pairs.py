@@ -108,7 +108,7 @@ def sample_pairs(policy, tokenizer, prompts: Sequence[str], scorer, *, n: int, m
     """
     import jax
 
-    from iapo_jax.decoding.sampler import sample
+    from iapo_jax.decoding.engine import sample
 
     if n < 2:
         raise ValueError(f"building pairs needs at least 2 samples per prompt (got n={n})")
