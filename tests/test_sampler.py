@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from iapo_jax.decoding.engine import Sampler, sample, split_model, start_jit
+from iapo_jax.decoding.engine import sample, split_model, start_jit
 from iapo_jax.decoding.inputs import prepare
+from iapo_jax.decoding.sampler import Sampler
 
 # Mixed lengths: the batch is left-padded, so every row must behave as if it were alone.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]

@@ -1,5 +1,5 @@
-"""Compiled KV-cache sampling: `sample(model, prompts, ...)`, `generate(...)` and a `Sampler` that
-keeps a model, tokenizer and defaults together.
+"""Compiled KV-cache sampling, `sample(model, prompts, ...)` and `generate(...)`, and the compiled
+pieces every decoding mode (best_of_n, blockwise, token_cd, pruned_best_of_n) builds on.
 
 Compiled pieces (one program per model, prompt bucket, response bucket, rows and branch count):
 - `start_jit`: prefill each prompt once and broadcast it to n branches;
@@ -167,36 +167,3 @@ def sample(
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, **kwargs) -> SampleOutput:
     """Chat-template the prompts, sample, and decode the responses to `texts`."""
     return sample(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, **kwargs)
-
-
-class Sampler:
-    """A model with its tokenizer, optional reference model, mesh and default settings."""
-
-    def __init__(self, model, tokenizer=None, *, ref_model=None, mesh=None, data_axis: str = "data",
-                 **defaults):
-        self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
-        self.mesh, self.data_axis = mesh, data_axis
-        self.defaults = defaults
-
-    def _kw(self, kwargs):
-        return {"tokenizer": self.tokenizer, "mesh": self.mesh, "data_axis": self.data_axis,
-                **self.defaults, **kwargs}
-
-    def sample(self, prompts, **kwargs) -> SampleOutput:
-        kwargs.setdefault("ref_model", self.ref_model)
-        return sample(self.model, prompts, **self._kw(kwargs))
-
-    def best_of_n(self, prompts, reward, **kwargs):
-        from iapo_jax.decoding.best_of_n import best_of_n
-
-        return best_of_n(self.model, prompts, reward, **self._kw(kwargs))
-
-    def blockwise(self, prompts, scorers, **kwargs):
-        from iapo_jax.decoding.blockwise import blockwise_cd
-
-        return blockwise_cd(self.model, prompts, scorers, **self._kw(kwargs))
-
-    def token_cd(self, prompts, scorers, **kwargs):
-        from iapo_jax.decoding.token_cd import token_cd
-
-        return token_cd(self.model, prompts, scorers, **self._kw(kwargs))

@@ -36,7 +36,7 @@ import iapo_jax
 from iapo_jax.alignment.prefix_rollouts import sample_rollouts
 from iapo_jax.alignment.prefix_scorer import PrefixScorerTrainer, ScorerTrainConfig
 from iapo_jax.data.prompts import load_chat_prompts
-from iapo_jax.decoding.engine import Sampler
+from iapo_jax.decoding.sampler import Sampler
 from iapo_jax.evaluation.win_rates import bootstrap_win_rate
 from iapo_jax.models.heads import ValueModel
 from iapo_jax.rewards import get_reward
