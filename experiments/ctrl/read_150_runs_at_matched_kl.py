@@ -1,13 +1,15 @@
-"""Read the 150-step best-of-4 runs at KL targets 0.5 and 1 as two-point sweeps, paired at matched KL.
+"""Read 150-step comparisons at several KL targets as sweeps, paired at matched KL.
 
     python experiments/ctrl/read_150_runs_at_matched_kl.py \
         experiments/results/ctrl/ctrl-bon4-vader-150 experiments/results/ctrl/ctrl-bon4-vader-150-kl1 \
         --reference-pool experiments/results/ctrl/bon4-vader-150-matched/pool_eval \
         --kls 0.5 0.6 --out experiments/results/ctrl/bon4-vader-150-matched
 
-Neither run landed both methods on its target, but the runs share their prompts, calibration pool
-and reference evaluation samples (the manifests' fingerprints are checked), so each method's two
-end points form a line through (KL, W). Each method is read on its line at the KLs asked for, with
+Written for the best-of-4 runs at targets 0.5 and 1, which did not land both methods on their
+targets; it reads any runs of one config at several targets (best- or worst-of-N, as the runs
+were deployed). The runs share their prompts, calibration pool
+and reference evaluation samples (the manifests' fingerprints are checked), so each method's end
+points form a line through (KL, W). Each method is read on its line at the KLs asked for, with
 the paired bootstrap of evaluation.matched_kl. A run recorded before per-prompt KLs existed gives
 each prompt its run's mean KL, so that run's points do not move between replicates: the interval
 then leaves out the noise in where those points sit, and is too narrow by that much.
@@ -28,9 +30,10 @@ from iapo_jax.rewards.calibration import ReferencePool
 SHARED = ("train_prompts", "eval_prompts", "pool_train", "pool_eval")
 
 
-def load_points(run_dirs: list[Path]) -> tuple[dict, str, list[str]]:
-    """Every method's end point in every run, the shared evaluation pool's fingerprint, and notes."""
-    rows, fingerprints, notes = {}, None, []
+def load_points(run_dirs: list[Path]) -> tuple[dict, str, tuple[str, int], list[str]]:
+    """Every method's end point in every run, the shared evaluation pool's fingerprint, the runs'
+    deployment (procedure, N), and notes."""
+    rows, fingerprints, deployments, notes = {}, None, set(), []
     for run_dir in run_dirs:
         manifest = json.loads((run_dir / "manifest.json").read_text())
         shared = {k: manifest["data"][k]["sha256"] for k in SHARED}
@@ -39,6 +42,7 @@ def load_points(run_dirs: list[Path]) -> tuple[dict, str, list[str]]:
         fingerprints = shared
         results = json.loads((run_dir / "results.json").read_text())
         target = manifest["config"]["target_kl"]
+        deployments.add((manifest["config"]["procedure"], manifest["config"]["deploy_n"]))
         for name, row in results.items():
             if name == "reference":
                 continue
@@ -48,7 +52,9 @@ def load_points(run_dirs: list[Path]) -> tuple[dict, str, list[str]]:
                 notes.append(f"{name} at target {target}: per-prompt KLs not recorded, each prompt given "
                              f"the run's mean KL {row['kl']:.3f}")
             rows[f"{name}@target={target}"] = row
-    return rows, fingerprints["pool_eval"], notes
+    if len(deployments) > 1:
+        raise SystemExit(f"the runs were deployed differently ({sorted(deployments)}): not one comparison")
+    return rows, fingerprints["pool_eval"], deployments.pop(), notes
 
 
 def main() -> None:
@@ -59,17 +65,18 @@ def main() -> None:
     parser.add_argument("--kls", nargs="+", type=float, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows, pool_sha, notes = load_points(args.runs)
+    rows, pool_sha, (procedure, n), notes = load_points(args.runs)
     pool = ReferencePool.load(args.reference_pool)
     if fingerprint(pool.fingerprint()) != pool_sha:  # compare records the digest of the pool's own
         raise SystemExit(f"{args.reference_pool} is not the pool the runs were evaluated against")
     reference = np.asarray(pool.scores)
     methods = list(dict.fromkeys(r["method"] for r in rows.values()))
-    diffs = matched_kl_differences(rows, methods, reference, "bon", 4, args.kls)
+    diffs = matched_kl_differences(rows, methods, reference, procedure, n, args.kls)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "matched_kl_differences.json").write_text(json.dumps({"runs": [str(r) for r in args.runs],
                                                                       "notes": notes, "rows": diffs}, indent=1) + "\n")
-    points = "\n".join(f"- {name}: KL {r['kl']:.3f}, W(BoN_4) {r['win_rates']['bon@4']['win_rate']:.3f}"
+    served = f"{procedure}@{n}"
+    points = "\n".join(f"- {name}: KL {r['kl']:.3f}, W({served}) {r['win_rates'][served]['win_rate']:.3f}"
                        for name, r in rows.items())
     text = (f"Points:\n\n{points}\n\n" + "".join(f"Note: {n}.\n" for n in notes) + "\n"
             + matched_kl_differences_table(diffs))
