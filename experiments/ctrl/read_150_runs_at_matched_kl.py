@@ -1,9 +1,10 @@
 """Read 150-step comparisons at several KL targets as sweeps, paired at matched KL.
 
     python experiments/ctrl/read_150_runs_at_matched_kl.py \
-        experiments/results/ctrl/ctrl-bon4-vader-150 experiments/results/ctrl/ctrl-bon4-vader-150-kl1 \
+        experiments/results/ctrl/ctrl-bon4-vader-150 experiments/results/ctrl/ctrl-bon4-vader-150-kl025 \
+        experiments/results/ctrl/ctrl-bon4-vader-150-kl1 \
         --reference-pool experiments/results/ctrl/bon4-vader-150-matched/pool_eval \
-        --kls 0.5 0.6 --out experiments/results/ctrl/bon4-vader-150-matched
+        --kls 0.3 0.4 0.5 0.6 --out experiments/results/ctrl/bon4-vader-150-matched
 
 Written for the best-of-4 runs at targets 0.5 and 1, which did not land both methods on their
 targets; it reads any runs of one config at several targets (best- or worst-of-N, as the runs
