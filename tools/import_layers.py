@@ -19,6 +19,10 @@ import ast
 import sys
 from pathlib import Path
 
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
 # Lowest first. A floor with no package yet (pipelines) keeps its place for when it has one.
 FLOORS = ("errors", "theory", "runtime", "parallel", "data", "models", "decoding", "rewards",
           "alignment", "testbed", "evaluation", "pipelines", "bench", "commands", "cli")
@@ -91,47 +95,16 @@ def upward_arrows(arrows: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 def cycles(arrows: dict[str, set[str]]) -> list[list[str]]:
     """Groups of modules that reach each other (strongly connected components of two or more)."""
-    order: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found = []
     nodes = sorted(set(arrows) | {b for targets in arrows.values() for b in targets})
-
-    # Tarjan's algorithm, iterative so a deep chain of imports cannot exhaust Python's stack.
-    for root in nodes:
-        if root in order:
-            continue
-        work = [(root, iter(sorted(arrows.get(root, ()))))]
-        order[root] = low[root] = len(order)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, successors = work[-1]
-            step = next(successors, None)
-            if step is not None:
-                if step not in order:
-                    order[step] = low[step] = len(order)
-                    stack.append(step)
-                    on_stack.add(step)
-                    work.append((step, iter(sorted(arrows.get(step, ())))))
-                elif step in on_stack:
-                    low[node] = min(low[node], order[step])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == order[node]:
-                group = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    group.append(member)
-                    if member == node:
-                        break
-                if len(group) > 1:
-                    found.append(sorted(group))
-    return sorted(found)
+    index = {name: i for i, name in enumerate(nodes)}
+    pairs = [(index[a], index[b]) for a, targets in arrows.items() for b in targets]
+    rows, cols = zip(*pairs) if pairs else ((), ())
+    graph = csr_matrix((np.ones(len(pairs)), (rows, cols)), shape=(len(nodes), len(nodes)))
+    _, labels = connected_components(graph, directed=True, connection="strong")
+    groups: dict[int, list[str]] = {}
+    for name, label in zip(nodes, labels):
+        groups.setdefault(label, []).append(name)
+    return sorted(group for group in groups.values() if len(group) > 1)
 
 
 def main(argv: list[str]) -> int:
