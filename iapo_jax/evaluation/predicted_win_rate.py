@@ -6,6 +6,8 @@ prediction beside the measured win rate, so it lives below both.
 
 from __future__ import annotations
 
+from iapo_jax.theory.analysis import analyse
+
 
 def predicted_win_rate(method: str, cfg, kl: float, t: float | None = None) -> float | None:
     """The analytic tool's W^T for the method's transform at the measured KL (None for raw).
@@ -13,8 +15,6 @@ def predicted_win_rate(method: str, cfg, kl: float, t: float | None = None) -> f
     cfg: a CompareConfig. t: CTRL's transform parameter; unset = cfg.t, or the best t at this KL
     when that is unset too.
     """
-    from iapo_jax.theory.analysis import analyse
-
     transform = cfg.ctrl_config(method).transform
     if transform == "raw" or not (kl > 1e-4):
         return None
