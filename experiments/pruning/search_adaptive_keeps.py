@@ -22,33 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from iapo_jax.evaluation.win_rates import paired_bootstrap_difference, per_prompt_win_rates
-from search_schedules import GRID, replay
+from search_schedules import replay
 
 DELTAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # on VADER's [-1, 1] compound scale
-
-
-def replay_rules(rec: dict, rules: list[tuple[int, int, int, float]],
-                 keep_finished: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(served final score [P], tokens generated [P]) of rules [(checkpoint, k_min, k_max, delta)].
-
-    A rule keeps the k_min best alive branches and any other of the k_max best within delta of
-    the leader; k_min == k_max is a fixed keep count. Ties rank the lower branch index first, as
-    lax.top_k does in the decoder; a pruned branch generated min(its length, the checkpoint)."""
-    partial, final, lengths = rec["partial"], rec["final"], rec["lengths"]
-    alive = np.ones(final.shape, bool)
-    tokens = np.zeros(final.shape[0])
-    for c, k_min, k_max, delta in rules:
-        score = np.where(alive, partial[:, :, GRID.index(c)], -np.inf)
-        rank = np.empty(score.shape, int)
-        np.put_along_axis(rank, np.argsort(-score, axis=1, kind="stable"), np.arange(score.shape[1])[None], 1)
-        keep = (rank < k_min) | ((rank < k_max) & (score >= score.max(1, keepdims=True) - delta))
-        if keep_finished:
-            keep |= lengths <= c
-        keep &= alive
-        tokens += np.where(alive & ~keep, np.minimum(lengths, c), 0).sum(1)
-        alive = keep
-    tokens += np.where(alive, lengths, 0).sum(1)
-    return np.where(alive, final, -np.inf).max(1), tokens
 
 
 def grid() -> list[list[tuple[int, int, int, float]]]:
@@ -75,7 +51,7 @@ def main() -> None:
     w_full = per_prompt_win_rates(full_served[:, None], rec["pool"], "sampling", 1)
 
     def measured(rules, keep_finished):
-        served, tokens = replay_rules(rec, rules, keep_finished)
+        served, tokens = replay(rec, rules, keep_finished)
         w = per_prompt_win_rates(served[:, None], rec["pool"], "sampling", 1)
         return w, float(full_tokens.sum() / tokens.sum())
 

@@ -58,20 +58,26 @@ def record(args) -> dict[str, np.ndarray]:
             "lengths": np.concatenate(lengths), "pool": np.concatenate(pool)}
 
 
-def replay(rec: dict, schedule: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(served final score [P], tokens generated [P]) of a schedule [(checkpoint, keep), ...].
+def replay(rec: dict, schedule: list[tuple], keep_finished: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(served final score [P], tokens generated [P]) of a schedule.
 
-    At each checkpoint the alive branches are ranked by their partial score, ties to the lower
-    branch index (lax.top_k's order); a pruned branch generated min(its length, the checkpoint)."""
+    A step is (checkpoint, keep), or (checkpoint, k_min, k_max, delta) for a per-prompt keep count:
+    the k_min best alive branches and any other of the k_max best within delta of the leader.
+    keep_finished also keeps every branch that has ended by the checkpoint (it costs no more tokens).
+    Branches rank by their partial score, ties to the lower branch index (lax.top_k's order); a
+    pruned branch generated min(its length, the checkpoint)."""
     partial, final, lengths = rec["partial"], rec["final"], rec["lengths"]
-    rows = np.arange(final.shape[0])[:, None]
     alive = np.ones(final.shape, bool)
     tokens = np.zeros(final.shape[0])
-    for c, k in schedule:
+    for step in schedule:
+        c, k_min, k_max, delta = step if len(step) == 4 else (step[0], step[1], step[1], 0.0)
         score = np.where(alive, partial[:, :, GRID.index(c)], -np.inf)
-        order = np.argsort(-score, axis=1, kind="stable")  # stable: equal scores keep index order
-        keep = np.zeros_like(alive)
-        keep[rows, order[:, :k]] = True
+        rank = np.empty(score.shape, int)  # stable: equal scores keep index order
+        np.put_along_axis(rank, np.argsort(-score, axis=1, kind="stable"), np.arange(score.shape[1])[None], 1)
+        keep = (rank < k_min) | ((rank < k_max) & (score >= score.max(1, keepdims=True) - delta))
+        if keep_finished:
+            keep |= lengths <= c
+        keep &= alive
         tokens += np.where(alive & ~keep, np.minimum(lengths, c), 0).sum(1)
         alive = keep
     tokens += np.where(alive, lengths, 0).sum(1)
