@@ -278,7 +278,7 @@ def test_generate_token_cd_with_one_candidate_is_greedy(capsys, tiny_chat_llama_
 
     from iapo_jax import load_model
     from iapo_jax.rewards.head_checkpoints import build_head_model, save_training_state, write_spec
-    from iapo_jax.rewards.trainable import Finetune, split_for_training
+    from iapo_jax.models.finetune import Finetune, split_for_training
     from iapo_jax.runtime.checkpointing import Checkpointer
 
     scorer_dir = tmp_path / "scorer"  # a prefix scorer as `iapo train-scorer` saves one

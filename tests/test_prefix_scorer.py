@@ -25,7 +25,7 @@ from iapo_jax.alignment.prefix_rollouts import (
 from iapo_jax.alignment.prefix_scorer_eval import mse_by_prefix_length
 from iapo_jax.models import ValueModel, load_model
 from iapo_jax.rewards.head_checkpoints import load_head_model, write_spec
-from iapo_jax.rewards.trainable import head_of, project
+from iapo_jax.models.finetune import head_of, project
 from iapo_jax.runtime.checkpointing import Checkpointer
 
 P, R = 12, 8

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from iapo_jax.alignment.optimizer import OptimizerConfig, make_optimizer
 from iapo_jax.alignment.reward_model_training import (
     RewardModelTrainer,
     RewardTrainConfig,
@@ -20,6 +21,7 @@ from iapo_jax.alignment.reward_model_training import (
     pooled_features,
 )
 from iapo_jax.models import RewardModel, load_model, load_tokenizer
+from iapo_jax.models.finetune import Finetune, head_of, project
 from iapo_jax.rewards.head_checkpoints import (
     HeadModelError,
     load_head_model,
@@ -33,13 +35,6 @@ from iapo_jax.rewards.preference_pairs import (
 )
 from iapo_jax.rewards.registry import get_reward
 from iapo_jax.rewards.reward_model import JaxRewardModel, score_arrays, sequence_ids
-from iapo_jax.rewards.trainable import (
-    Finetune,
-    OptimizerConfig,
-    head_of,
-    make_optimizer,
-    project,
-)
 from iapo_jax.runtime.checkpointing import Checkpointer
 
 LETTERS = np.array(list("abcdefghijklmnop"))

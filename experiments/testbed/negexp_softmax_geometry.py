@@ -86,11 +86,11 @@ def transformer_runs(steps: int) -> list[dict]:
     original, rows = ctrl.make_optimizer, []
     try:
         for name, adam in variants:
-            def make_optimizer(learning_rate, warmup_steps, max_grad_norm, schedule="constant",
-                               total_updates=0, adam=adam):
-                lr = optax.linear_schedule(learning_rate / (warmup_steps + 1), learning_rate, warmup_steps)
+            def make_optimizer(cfg, total_updates=0, adam=adam):
+                lr = optax.linear_schedule(cfg.learning_rate / (cfg.warmup_steps + 1), cfg.learning_rate,
+                                           cfg.warmup_steps)
                 inner = optax.adam(lr, **adam) if adam else optax.sgd(1.0, momentum=0.9)
-                return optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
+                return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), inner)
 
             ctrl.make_optimizer = make_optimizer  # the trainer builds its step with this optimiser
             ctrl.compiled_step.cache_clear()

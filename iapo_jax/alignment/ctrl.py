@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from iapo_jax.alignment import losses
@@ -30,10 +29,12 @@ from iapo_jax.alignment.ctrl_step import (
     sequence_rewards_to_advantages,
 )
 from iapo_jax.alignment.kl_control import KLControlState, control_step, floor_beta
+from iapo_jax.alignment.optimizer import OptimizerConfig, make_optimizer
+from iapo_jax.alignment.trainer import Hook, Trainer
 from iapo_jax.decoding.engine import sample_batch
 from iapo_jax.decoding.inputs import prepare
 from iapo_jax.models import lora
-from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size, shard_train_state
+from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size
 from iapo_jax.rewards.calibration import ReferencePool
 from iapo_jax.rewards.transforms import TRANSFORMS, get_transform, optimal_table
 from iapo_jax.runtime.stage_clock import StageClock
@@ -112,32 +113,12 @@ def floored(values, level: float | None):
     return np.maximum(values, np.asarray(level, np.asarray(values).dtype))
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int, max_grad_norm: float,
-                   schedule: str = "constant", total_updates: int = 0):
-    """AdamW after global-norm clipping; linear warmup, then a constant rate or a cosine decay to 0.
-
-    A decaying rate lets the stochastic policy gradient settle on the optimum instead of jittering
-    around it with a spread set by the rate (measured on the exact testbed: see ``iapo testbed``).
-    """
-    first = learning_rate / (warmup_steps + 1)  # warmup's first update moves the policy too
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            init_value=first, peak_value=learning_rate,
-            warmup_steps=warmup_steps, decay_steps=max(total_updates, warmup_steps + 1), end_value=0.0)
-    elif warmup_steps:
-        lr = optax.linear_schedule(first, learning_rate, warmup_steps)
-    else:
-        lr = optax.constant_schedule(learning_rate)
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr, weight_decay=0.0))
-
-
 @functools.lru_cache(maxsize=16)
-def compiled_step(graphdef, opts: StepOptions, learning_rate: float, warmup_steps: int, max_grad_norm: float,
-                  mesh=None, schedule: str = "constant", total_updates: int = 0):
+def compiled_step(graphdef, opts: StepOptions, optimizer: OptimizerConfig, mesh=None, total_updates: int = 0):
     """One jitted step per (model structure, options, optimizer settings, mesh): trainers of several
     methods on the same model share the compiled program instead of compiling their own."""
-    optimizer = make_optimizer(learning_rate, warmup_steps, max_grad_norm, schedule, total_updates)
-    return optimizer, make_train_step(graphdef, optimizer, opts, mesh)
+    tx = make_optimizer(optimizer, total_updates)
+    return tx, make_train_step(graphdef, tx, opts, mesh)
 
 
 # One compiled program instead of a few hundred eager ops per step (0.3-0.7 s on SmolLM2).
@@ -150,7 +131,7 @@ class StepResult:
     texts: tuple[str, ...]
 
 
-class CTRLTrainer:
+class CTRLTrainer(Trainer):
     """Trains `policy` (updated in place) against a frozen `reference` on Phi(calibrated reward).
 
     reward: a batched `score(prompts, responses) -> [n]` (see iapo_jax.rewards).
@@ -218,11 +199,10 @@ class CTRLTrainer:
             # Own copies: the step donates them, and `policy` may share buffers with the reference.
             self.frozen, self.trainable = None, jax.tree.map(jnp.copy, base)
         decay_updates = cfg.steps * cfg.ppo_epochs if cfg.lr_schedule == "cosine" else 0
-        self.optimizer, self._step_fn = compiled_step(
-            self.graphdef, self.opts, cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm, mesh,
-            cfg.lr_schedule, decay_updates)
+        self.optimizer, self._step_fn = compiled_step(self.graphdef, self.opts, cfg.optimizer, mesh,
+                                                      decay_updates)
         self.opt_state = self.optimizer.init(self.trainable)
-        self._place()
+        self.place_state()
         self.step = 0
         order = np.random.default_rng(cfg.seed).permutation(len(self.train_prompts))
         self._order = [self.train_prompts[i] for i in order]
@@ -236,12 +216,6 @@ class CTRLTrainer:
     @beta.setter
     def beta(self, value: float) -> None:
         self.kl_state = dataclasses.replace(self.kl_state, beta=float(value))
-
-    def _place(self) -> None:
-        """Shard the training state over the mesh (a no-op without one)."""
-        if self.mesh is not None:
-            self.trainable, self.frozen, self.opt_state = shard_train_state(
-                self.trainable, self.frozen, self.opt_state, self.mesh)
 
     def current_policy(self):
         """The policy with the latest weights (LoRA factors merged) as an NNX module."""
@@ -259,7 +233,7 @@ class CTRLTrainer:
     def restore(self, restored) -> None:
         """Continue from a `Checkpointer.restore(model=..., opt_state=...)` result."""
         self.trainable, self.opt_state = restored.model, restored.opt_state
-        self._place()  # whatever mesh the checkpoint was restored onto, train on this one
+        self.place_state()  # whatever mesh the checkpoint was restored onto, train on this one
         self.key, self.step = restored.rng, int(restored.data_position)
         self.kl_state = KLControlState.from_dict(restored.meta.get("extra", {}), self.beta)
 
@@ -366,15 +340,16 @@ class CTRLTrainer:
         u = self.pool.calibrate(self.probe_prompts, raw.reshape(len(self.probe_prompts), -1))
         return float(np.mean(u))
 
+    def step_metrics(self) -> dict:
+        return self.train_step().metrics
+
     def train(self, steps: int | None = None, probe_every: int = 0, progress=None) -> list[dict]:
-        history = []
-        steps = self.cfg.steps if steps is None else steps
-        it = range(self.step, steps)
-        for _ in (progress(it) if progress else it):
-            result = self.train_step()
-            if probe_every and (self.step % probe_every == 0 or self.step == steps):
-                result.metrics["probe_win_rate"] = self.probe_win_rate()
-            history.append(result.metrics)
-            if self.log:
-                self.log(self.step, **result.metrics)
-        return history
+        """Run up to `steps` (default cfg.steps) steps; probes every `probe_every` steps and at the
+        last, and logs each step."""
+        hooks = []
+        if probe_every:
+            hooks.append(Hook(lambda step, metrics: metrics.update(probe_win_rate=self.probe_win_rate()),
+                              every=probe_every))
+        if self.log:
+            hooks.append(Hook(lambda step, metrics: self.log(step, **metrics)))
+        return self.fit(self.cfg.steps if steps is None else steps, hooks, progress)

@@ -7,11 +7,11 @@ import math
 
 from iapo_jax.alignment import losses
 from iapo_jax.alignment.kl_control import DEFAULT_GAINS, KLControlSettings
+from iapo_jax.alignment.optimizer import SCHEDULES, OptimizerConfig
 
 # 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
 REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp", "optimal")
 PROCEDURES = ("sampling", "bon", "won", "soft_bon")
-LR_SCHEDULES = ("constant", "cosine")
 # 15 nats: floored responses keep under 3e-7 of the top's weight in the optimum, which moves its
 # KL and win rates by less than 1e-4 on the exact testbed, and -exp at KL 1 converges.
 DEFAULT_REWARD_FLOOR_NATS = 15.0
@@ -99,6 +99,13 @@ class CTRLConfig:
             gain = DEFAULT_GAINS.get(self.kl_controller, 0.0)  # an unknown kind fails in validate
         return KLControlSettings(self.kl_controller, gain, self.kl_smoothing, self.kl_horizon, self.kl_beta_range)
 
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """AdamW without weight decay; the warmup's first update is learning_rate / (warmup + 1), and
+        'cosine' decays to 0 over steps x ppo_epochs updates (see alignment.optimizer)."""
+        return OptimizerConfig(self.learning_rate, self.warmup_steps, 0.0, self.max_grad_norm,
+                               schedule=self.lr_schedule, end_fraction=0.0, warmup_from_zero=False)
+
     def validate(self) -> "CTRLConfig":
         """Reject bad settings before any compute, each with the fix in the message."""
         if self.transform not in REWARD_TRANSFORMS:
@@ -147,8 +154,8 @@ class CTRLConfig:
                 f"CTRL samples rollouts at temperature 1 (got temperature={self.temperature}): the "
                 "policy gradient, the KL penalty and the reference pools all use the temperature-1 "
                 "policy, so another temperature optimises a different objective; set temperature 1.0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {SCHEDULES}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not self.learning_rate > 0:

@@ -18,9 +18,9 @@ import optax
 from flax import nnx, struct
 
 from iapo_jax.alignment import losses
+from iapo_jax.alignment.trainer import make_update_step
 from iapo_jax.decoding.reference import response_logprobs
 from iapo_jax.models import lora
-from iapo_jax.parallel.sharded_step import compile_train_step
 
 
 @struct.dataclass
@@ -62,12 +62,9 @@ def policy_state(frozen: nnx.State, trainable: Any, opts: StepOptions, factored:
     return trainable
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: StepOptions, mesh=None):
-    """Returns step(trainable, frozen, opt_state, batch, beta, clip_eps) -> (trainable, opt_state, metrics).
-
-    mesh: run sharded on it; place the state first with parallel.sharded_step.shard_train_state.
-    The batch is split over data x fsdp by the step itself (rows must divide evenly).
-    """
+def policy_loss(graphdef, opts: StepOptions):
+    """loss(trainable, frozen, batch, beta, clip_eps) -> (loss, metrics), pure: the policy-gradient
+    loss on a RolloutBatch (with the KL term when opts.kl_in_loss)."""
 
     def loss_fn(trainable, frozen, batch: RolloutBatch, beta, clip_eps):
         model = nnx.merge(graphdef, policy_state(frozen, trainable, opts, factored=not opts.lora_merged_update))
@@ -91,16 +88,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: Ste
         }
         return loss, metrics
 
-    def step(trainable, frozen, opt_state, batch: RolloutBatch, beta, clip_eps):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, batch, beta, clip_eps
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return trainable, opt_state, metrics
+    return loss_fn
 
-    return compile_train_step(step, mesh)
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, opts: StepOptions, mesh=None):
+    """Returns step(trainable, frozen, opt_state, batch, beta, clip_eps) -> (trainable, opt_state, metrics).
+
+    mesh: run sharded on it; place the state first with parallel.sharded_step.shard_train_state.
+    The batch is split over data x fsdp by the step itself (rows must divide evenly).
+    """
+    return make_update_step(policy_loss(graphdef, opts), optimizer, mesh)
 
 
 def sequence_rewards_to_advantages(rewards, logp, ref_logp, mask, beta, samples_per_prompt,

@@ -14,7 +14,7 @@ Losses (``alignment.losses``), with V_t = V([x, y^t]) for t = 0 (the empty respo
 - CD-Q: 1/2 sum_t (V_t - stopgrad(v_t))^2, v_t = sum_z pi_ref(z | x, y^t) V([x, y^t, z]) before the
   end and r(x, y) at the final prefix. top_k=None sums over the whole vocabulary (exact; affordable
   for small vocabularies); top_k=k keeps pi_ref's k most likely tokens, renormalised.
-Training modes and the optimizer are shared with reward models (``rewards.trainable``); in mode
+Training modes, the optimizer and the loop are shared with reward models (``head_trainer``); in mode
 'head' the backbone is frozen, so hidden states (and CD-Q candidate states) are computed once.
 """
 
@@ -27,33 +27,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax import lax
 
 from iapo_jax.alignment import losses
+from iapo_jax.alignment.head_trainer import HeadTrainConfig, HeadTrainer
 from iapo_jax.alignment.prefix_rollouts import Rollouts, check_rollouts, response_mask
-from iapo_jax.alignment.reward_model_training import epoch_batches
 from iapo_jax.decoding.loop import prompt_positions
 from iapo_jax.decoding.scorers import take_slots
-from iapo_jax.parallel.sharded_step import (
-    check_batch_divides,
-    compile_train_step,
-    shard_train_state,
-)
-from iapo_jax.rewards.head_checkpoints import (
-    restore_training_state,
-    save_training_state,
-)
-from iapo_jax.rewards.trainable import (
-    Finetune,
-    OptimizerConfig,
-    make_optimizer,
-    merged_state,
-    project,
-    split_for_training,
-    trainable_head,
-)
+from iapo_jax.models.finetune import Finetune, merged_state, project, trainable_head
+from iapo_jax.runtime.fixed_chunks import map_fixed_chunks
 
 METHODS = ("fudge", "cdq")
 
@@ -145,45 +128,18 @@ def pad_last_prefix(x: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScorerTrainConfig:
+class ScorerTrainConfig(HeadTrainConfig):
     """Prefix-scorer training settings; method 'fudge' (on-policy) or 'cdq' (Bellman targets)."""
 
     method: str = "fudge"
     top_k: int | None = None  # CD-Q: None = exact full-vocabulary expectation
-    steps: int = 100
-    batch_size: int = 16
-    mode: str = "lora"  # 'full' | 'lora' | 'head'
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 32
-    save_every: int = 0
-    seed: int = 0
-
-    @property
-    def finetune(self) -> Finetune:
-        return Finetune(self.mode, self.lora_rank, self.lora_alpha)
-
-    @property
-    def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(self.learning_rate, self.warmup_steps, self.weight_decay, self.max_grad_norm)
 
     def validate(self) -> "ScorerTrainConfig":
         if self.method not in METHODS:
             raise ValueError(f"unknown prefix-scorer method {self.method!r}; choose one of {METHODS}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, or None for the exact expectation (got {self.top_k})")
-        for name in ("steps", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0 (got {self.save_every}); 0 saves at the end only")
-        self.finetune.validate()
-        self.optimizer.validate()
-        return self
+        return super().validate()
 
 
 def scorer_loss(values, rewards, lengths, method: str, next_values=None, next_probs=None):
@@ -195,9 +151,8 @@ def scorer_loss(values, rewards, lengths, method: str, next_values=None, next_pr
                             is_last, mask)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune: Finetune, method: str,
-                    on_features: bool = False, mesh=None) -> Callable:
-    """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+def prefix_scorer_loss(graphdef, finetune: Finetune, method: str, on_features: bool = False):
+    """loss(trainable, frozen, batch) -> (loss, metrics), pure.
 
     batch: a dict with 'prompt_ids', 'prompt_mask', 'tokens', 'lengths', 'rewards' and, for CD-Q,
     'cand_ids' / 'cand_probs' [B, R, k]; with ``on_features`` (mode 'head') 'h' [B, R+1, D] and,
@@ -232,14 +187,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
         mse = jnp.sum(jnp.square(values - batch["rewards"][:, None]) * mask) / jnp.sum(mask)
         return loss, {"loss": loss, "mse_to_reward": mse}
 
-    def step(trainable, frozen, opt_state, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return trainable, opt_state, metrics
-
-    return compile_train_step(step, mesh)
+    return loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -257,36 +205,18 @@ def _next_tokens_jit(graphdef, state, prompt_ids, prompt_mask, tokens, lengths, 
     return next_token_distribution(nnx.merge(graphdef, state), prompt_ids, prompt_mask, tokens, lengths, top_k)
 
 
-def chunked(fn, arrays: tuple, batch_size: int):
-    """fn(*rows) over fixed-size row chunks (the last padded with row 0), concatenated on axis 0."""
-    n = arrays[0].shape[0]
-    outs = []
-    for start in range(0, n, batch_size):
-        part = [np.asarray(a)[start:start + batch_size] for a in arrays]
-        real = part[0].shape[0]
-        if real < batch_size:
-            part = [np.concatenate([a, np.repeat(a[:1], batch_size - real, 0)]) for a in part]
-        out = fn(*[jnp.asarray(a) for a in part])
-        outs.append(jax.tree.map(lambda x, real=real: x[:real], out))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
-
-
-class PrefixScorerTrainer:
+class PrefixScorerTrainer(HeadTrainer):
     """Trains a ValueModel as a CD-FUDGE or CD-Q prefix scorer on scored rollouts.
 
     reference: pi_ref (a Transformer), needed for CD-Q's next-token distribution. The model passed
     in is left untouched; `current_model()` returns the trained scorer, ready for
-    ``decoding.blockwise_cd`` / ``decoding.token_cd``.
-    mesh: a ('data', 'fsdp', 'tensor') mesh to train on: weights and optimizer state sharded by
-    their logical names, each batch split over data x fsdp (batch_size must divide).
+    ``decoding.blockwise_cd`` / ``decoding.token_cd``. The loop, checkpoints and mesh placement
+    are ``HeadTrainer``'s (see there for checkpointer and mesh).
     """
 
     def __init__(self, cfg: ScorerTrainConfig, model, train: Rollouts, eval_data: Rollouts | None = None,
                  *, reference=None, checkpointer=None, log: Callable[..., None] | None = None, mesh=None):
-        self.cfg = cfg.validate()
-        if mesh is not None:  # before any compute
-            check_batch_divides(cfg.batch_size, mesh, "batch_size")
-        self.mesh = mesh
+        cfg = self.check_common(cfg, mesh)
         if not hasattr(model, "values_cached"):
             raise TypeError(f"PrefixScorerTrainer needs a ValueModel, got {type(model).__name__}")
         if cfg.method == "cdq" and reference is None:
@@ -299,26 +229,29 @@ class PrefixScorerTrainer:
         if reference is not None and reference.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"reference vocabulary ({reference.config.vocab_size}) differs from the "
                              f"scorer's ({model.config.vocab_size}); start the scorer from pi_ref")
-        self.finetune = cfg.finetune
         self.train_data, self.eval_data = train.as_numpy(), eval_data
-        self.reference, self.ckpt, self.log = reference, checkpointer, log
-        self.graphdef, self.frozen, self.trainable = split_for_training(
-            model, self.finetune, jax.random.key(cfg.seed))
-        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps)
-        self.opt_state = self.optimizer.init(self.trainable)
-        self.on_features = self.finetune.mode == "head"
-        self._step_fn = make_train_step(self.graphdef, self.optimizer, self.finetune, cfg.method,
-                                        self.on_features, mesh)
+        self.reference = reference
+        super().__init__(cfg, model, checkpointer=checkpointer, log=log, mesh=mesh)
         self._arrays = self._prepare(self.train_data)
-        self._place()
+        self.place_state()
         self._eval_features: dict[int, tuple] = {}  # mode 'head': (data, frozen states) per data set
-        self.step = 0
-        self._saved_step = -1
+
+    def loss_fn(self):
+        return prefix_scorer_loss(self.graphdef, self.finetune, self.cfg.method, self.on_features)
+
+    @property
+    def train_size(self) -> int:
+        return self.train_data.size
+
+    def batch(self, idx) -> dict:
+        return {k: jnp.asarray(v[idx]) for k, v in self._arrays.items()}
+
+    def eval_metrics(self) -> dict[str, float]:
+        return {"eval_mse": self.evaluate()["mse"]}
 
     # -- data -----------------------------------------------------------------------------------
     def _backbone_state(self):
-        model = nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
-        return nnx.split(model.backbone)
+        return nnx.split(self.current_model().backbone)
 
     def _prepare(self, data: Rollouts) -> dict:
         """Host arrays for the steps: tokens (+ CD-Q candidates), or frozen features in mode 'head'."""
@@ -328,55 +261,17 @@ class PrefixScorerTrainer:
                   "lengths": data.lengths, "rewards": data.rewards}
         if self.cfg.method == "cdq":
             rg, rs = nnx.split(self.reference)
-            ids, probs = chunked(functools.partial(_next_tokens_jit, rg, rs, top_k=self.cfg.top_k), rows, bs)
+            ids, probs = map_fixed_chunks(functools.partial(_next_tokens_jit, rg, rs, top_k=self.cfg.top_k), rows, bs)
             arrays["cand_ids"], arrays["cand_probs"] = np.asarray(ids), np.asarray(probs)
         if self.on_features:
             g, s = self._backbone_state()
-            arrays["h"] = np.asarray(chunked(functools.partial(_prefix_hidden_jit, g, s), rows, bs))
+            arrays["h"] = np.asarray(map_fixed_chunks(functools.partial(_prefix_hidden_jit, g, s), rows, bs))
             if self.cfg.method == "cdq":
-                arrays["h_cand"] = np.asarray(chunked(functools.partial(_candidate_hidden_jit, g, s),
-                                                      rows + (arrays["cand_ids"],), bs))
+                arrays["h_cand"] = np.asarray(map_fixed_chunks(functools.partial(_candidate_hidden_jit, g, s),
+                                                               rows + (arrays["cand_ids"],), bs))
             for key in ("prompt_ids", "prompt_mask", "tokens", "cand_ids"):
                 arrays.pop(key, None)
         return arrays
-
-    # -- state ----------------------------------------------------------------------------------
-    def _place(self) -> None:
-        """Shard the training state over the mesh (a no-op without one)."""
-        if self.mesh is not None:
-            self.trainable, self.frozen, self.opt_state = shard_train_state(
-                self.trainable, self.frozen, self.opt_state, self.mesh)
-
-    def current_model(self):
-        """The trained ValueModel (LoRA factors / head merged in)."""
-        return nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
-
-    # -- training -------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        idx = epoch_batches(self.train_data.size, self.cfg.batch_size, self.step, self.cfg.seed)
-        batch = {k: jnp.asarray(v[idx]) for k, v in self._arrays.items()}
-        self.trainable, self.opt_state, m = self._step_fn(self.trainable, self.frozen, self.opt_state, batch)
-        self.step += 1
-        return {k: float(v) for k, v in m.items()}
-
-    def train(self, steps: int | None = None, eval_every: int = 0, progress=None) -> list[dict]:
-        steps = self.cfg.steps if steps is None else steps
-        history = []
-        it = range(self.step, steps)
-        for _ in (progress(it) if progress else it):
-            metrics = self.train_step()
-            if eval_every and self.eval_data is not None and (self.step % eval_every == 0 or self.step == steps):
-                metrics["eval_mse"] = self.evaluate()["mse"]
-            history.append(metrics)
-            if self.log:
-                self.log(self.step, **metrics)
-            if self.ckpt is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save()
-                if self.ckpt.should_stop:
-                    break
-        if self.ckpt is not None:
-            self.save()
-        return history
 
     # -- evaluation -----------------------------------------------------------------------------
     def values(self, data: Rollouts) -> np.ndarray:
@@ -389,14 +284,14 @@ class PrefixScorerTrainer:
                 if cached is None or cached[0] is not data:  # keep the data alive: ids stay unique
                     g, s = self._backbone_state()
                     rows = (data.prompt_ids, data.prompt_mask, data.tokens, data.lengths)
-                    cached = (data, np.asarray(chunked(functools.partial(_prefix_hidden_jit, g, s), rows,
+                    cached = (data, np.asarray(map_fixed_chunks(functools.partial(_prefix_hidden_jit, g, s), rows,
                                                        self.cfg.eval_batch_size)))
                     self._eval_features[id(data)] = cached
                 feats = cached[1]
             return np.asarray(project(jax.device_get(self.trainable), jnp.asarray(feats)))
         g, s = nnx.split(self.current_model())
         fn = functools.partial(_values_jit, g, s)
-        return np.asarray(chunked(fn, (data.prompt_ids, data.prompt_mask, data.tokens, data.lengths),
+        return np.asarray(map_fixed_chunks(fn, (data.prompt_ids, data.prompt_mask, data.tokens, data.lengths),
                                   self.cfg.eval_batch_size))
 
     def evaluate(self, data: Rollouts | None = None, edges=None) -> dict:
@@ -408,25 +303,6 @@ class PrefixScorerTrainer:
             raise ValueError("no evaluation rollouts; pass eval_data to the trainer or data= here")
         return mse_by_prefix_length(self.values(data), np.asarray(data.rewards), np.asarray(data.lengths),
                                     edges=edges, baseline=float(np.mean(self.train_data.rewards)))
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(self) -> bool:
-        """Checkpoint the current step (once per step)."""
-        if self.ckpt is None:
-            raise ValueError("no checkpointer was given to the trainer")
-        if self._saved_step == self.step or self.ckpt.latest_step() == self.step:
-            return False
-        self._saved_step = self.step
-        return save_training_state(self.ckpt, self.step, self.trainable, self.opt_state, self.finetune,
-                                   config=self.cfg)
-
-    def restore(self, step: int | None = None) -> int:
-        if self.ckpt is None:
-            raise ValueError("no checkpointer was given to the trainer")
-        self.trainable, self.opt_state, self.step = restore_training_state(
-            self.ckpt, self.trainable, self.opt_state, self.finetune, step)
-        self._place()
-        return self.step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -7,7 +7,7 @@ same way. One step scores chosen and rejected rows in a single forward pass and 
     -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m) [+ center_coef * mean((r_c + r_r)^2)]
 
 with m = margin + margin_from_gap * (the ranking scorer's gap) (``alignment.losses``), using AdamW
-on a warmup-cosine schedule. In mode 'head' (``rewards.trainable``) the backbone is frozen, so the
+on a warmup-cosine schedule. In mode 'head' (``models.finetune``) the backbone is frozen, so the
 pooled hidden states (``heads.pool_hidden``) are computed once and each step trains the head on them.
 """
 
@@ -20,31 +20,15 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, struct
 
 from iapo_jax.alignment import losses
+from iapo_jax.alignment.head_trainer import HeadTrainConfig, HeadTrainer
+from iapo_jax.models.finetune import Finetune, merged_state, project
 from iapo_jax.models.heads import pool_hidden
-from iapo_jax.parallel.sharded_step import (
-    check_batch_divides,
-    compile_train_step,
-    shard_train_state,
-)
-from iapo_jax.rewards.head_checkpoints import (
-    restore_training_state,
-    save_training_state,
-)
 from iapo_jax.rewards.preference_pairs import Preference
 from iapo_jax.rewards.reward_model import score_arrays, sequence_ids, width_for
-from iapo_jax.rewards.trainable import (
-    Finetune,
-    OptimizerConfig,
-    make_optimizer,
-    merged_state,
-    project,
-    split_for_training,
-)
-
+from iapo_jax.runtime.fixed_chunks import map_fixed_chunks
 
 @struct.dataclass
 class PairArrays:
@@ -100,44 +84,17 @@ def encode_preference_splits(tokenizer, splits: Sequence[Sequence[Preference]], 
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardTrainConfig:
+class RewardTrainConfig(HeadTrainConfig):
     """Bradley-Terry training settings (see the module docstring for the loss)."""
 
-    steps: int = 100
-    batch_size: int = 16
     margin: float = 0.0
     margin_from_gap: float = 0.0
     center_coef: float = 0.0
-    mode: str = "lora"  # 'full' | 'lora' | 'head'
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 32
-    save_every: int = 0  # 0: only the final checkpoint
-    seed: int = 0
-
-    @property
-    def finetune(self) -> Finetune:
-        return Finetune(self.mode, self.lora_rank, self.lora_alpha)
-
-    @property
-    def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(self.learning_rate, self.warmup_steps, self.weight_decay, self.max_grad_norm)
 
     def validate(self) -> "RewardTrainConfig":
-        for name in ("steps", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.center_coef < 0:
             raise ValueError(f"center_coef must be >= 0 (got {self.center_coef})")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0 (got {self.save_every}); 0 saves at the end only")
-        self.finetune.validate()
-        self.optimizer.validate()
-        return self
+        return super().validate()
 
 
 def bt_scores_and_loss(chosen, rejected, gap, margin, margin_from_gap, center_coef: float):
@@ -149,9 +106,8 @@ def bt_scores_and_loss(chosen, rejected, gap, margin, margin_from_gap, center_co
     return loss, metrics
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune: Finetune,
-                    center_coef: float = 0.0, on_features: bool = False, mesh=None) -> Callable:
-    """step(trainable, frozen, opt_state, batch, margin, margin_from_gap) -> (trainable, opt_state, metrics).
+def bt_loss(graphdef, finetune: Finetune, center_coef: float = 0.0, on_features: bool = False):
+    """loss(trainable, frozen, batch, margin, margin_from_gap) -> (loss, metrics), pure.
 
     batch: PairArrays, or with ``on_features`` a tuple (h_chosen [B, D], h_rejected [B, D], gap [B])
     of frozen-backbone pooled hidden states (mode 'head').
@@ -169,15 +125,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, finetune:
             gap = batch.gap
         return bt_scores_and_loss(rc, rr, gap, margin, margin_from_gap, center_coef)
 
-    def step(trainable, frozen, opt_state, batch, margin, margin_from_gap):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, batch, margin, margin_from_gap)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return trainable, opt_state, metrics
-
-    return compile_train_step(step, mesh)
+    return loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
@@ -189,82 +137,50 @@ def pooled_features(backbone, ids, mask, batch_size: int = 32, pooling: str = "l
     """Final-normed hidden states pooled per row (``heads.pool_hidden``) -> float32 [N, D], in
     fixed chunks."""
     graphdef, state = nnx.split(backbone)
-    ids, mask = np.asarray(ids), np.asarray(mask)
-    out = []
-    for start in range(0, ids.shape[0], batch_size):
-        i, m = ids[start:start + batch_size], mask[start:start + batch_size]
-        real = i.shape[0]
-        if real < batch_size:
-            i = np.concatenate([i, np.repeat(i[:1], batch_size - real, 0)])
-            m = np.concatenate([m, np.repeat(m[:1], batch_size - real, 0)])
-        out.append(_pooled_hidden_jit(graphdef, state, jnp.asarray(i), jnp.asarray(m), pooling)[:real])
-    return jnp.concatenate(out).astype(jnp.float32)
+    fn = functools.partial(_pooled_hidden_jit, graphdef, state, pooling=pooling)
+    return map_fixed_chunks(fn, (ids, mask), batch_size).astype(jnp.float32)
 
 
-def epoch_batches(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Indices of the batch at `step`: epochs are seeded permutations, so resuming replays them."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, within = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    if n < batch_size:  # tiny data: wrap around inside the batch
-        perm = np.resize(perm, batch_size)
-    return perm[within * batch_size:(within + 1) * batch_size]
-
-
-class RewardModelTrainer:
+class RewardModelTrainer(HeadTrainer):
     """Trains a RewardModel on PairArrays; `evaluate` gives held-out pairwise accuracy.
 
-    The model passed in is left untouched; `current_model()` returns the trained one.
-    checkpointer: an ``iapo_jax.runtime.checkpointing.Checkpointer`` (saves every ``save_every``
-    steps and at the end of ``train``); ``restore()`` resumes from it.
-    mesh: a ('data', 'fsdp', 'tensor') mesh to train on: weights and optimizer state sharded by
-    their logical names, each batch split over data x fsdp (batch_size must divide).
+    The loop, checkpoints and mesh placement are ``HeadTrainer``'s (see there for checkpointer and
+    mesh).
     """
 
     def __init__(self, cfg: RewardTrainConfig, model, train: PairArrays, eval_data: PairArrays | None = None,
                  *, checkpointer=None, log: Callable[..., None] | None = None, mesh=None):
-        self.cfg = cfg.validate()
-        if mesh is not None:  # before any compute
-            check_batch_divides(cfg.batch_size, mesh, "batch_size")
-        self.mesh = mesh
+        cfg = self.check_common(cfg, mesh)
         if not hasattr(model, "score"):
             raise TypeError(f"RewardModelTrainer needs a RewardModel, got {type(model).__name__}")
         if train.size < 1:
             raise ValueError("no training pairs; sample more prompts or relax min_gap")
-        self.finetune = cfg.finetune
         self.train_data, self.eval_data = train, eval_data
-        self.ckpt, self.log = checkpointer, log
-        self.graphdef, self.frozen, self.trainable = split_for_training(
-            model, self.finetune, jax.random.key(cfg.seed))
-        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps)
-        self.opt_state = self.optimizer.init(self.trainable)
-        self.on_features = self.finetune.mode == "head"
-        self._step_fn = make_train_step(self.graphdef, self.optimizer, self.finetune, cfg.center_coef,
-                                        self.on_features, mesh)
-        self._place()
+        super().__init__(cfg, model, checkpointer=checkpointer, log=log, mesh=mesh)
+        self.place_state()
         self._features: dict[int, tuple] = {}
-        self._saved_step = -1
         if self.on_features:  # frozen backbone: its pooled states never change
             self._features[id(train)] = self._pair_features(train)
             if eval_data is not None:
                 self._features[id(eval_data)] = self._pair_features(eval_data)
-        self.step = 0
 
-    # -- state ----------------------------------------------------------------------------------
-    def _place(self) -> None:
-        """Shard the training state over the mesh (a no-op without one)."""
-        if self.mesh is not None:
-            self.trainable, self.frozen, self.opt_state = shard_train_state(
-                self.trainable, self.frozen, self.opt_state, self.mesh)
+    def loss_fn(self):
+        return bt_loss(self.graphdef, self.finetune, self.cfg.center_coef, self.on_features)
 
-    def current_model(self):
-        """The reward model with the trained weights merged in (an NNX module)."""
-        return nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
+    @property
+    def train_size(self) -> int:
+        return self.train_data.size
+
+    def step_scalars(self) -> tuple:
+        return jnp.float32(self.cfg.margin), jnp.float32(self.cfg.margin_from_gap)
+
+    def eval_metrics(self) -> dict[str, float]:
+        return {f"eval_{k}": v for k, v in self.evaluate().items()}
 
     def _pair_features(self, data: PairArrays):
         """Pooled states of chosen and rejected rows; each distinct row is run once (a response
         appears in several pairs when every pair of a prompt's responses is used)."""
-        model = nnx.merge(self.graphdef, merged_state(self.frozen, self.trainable, self.finetune))
+        model = self.current_model()
         ids = np.concatenate([np.asarray(data.chosen_ids), np.asarray(data.rejected_ids)])
         mask = np.concatenate([np.asarray(data.chosen_mask), np.asarray(data.rejected_mask)])
         rows = np.where(mask, ids, -1)  # padding content never matters
@@ -275,40 +191,11 @@ class RewardModelTrainer:
         n = data.size
         return feats[:n], feats[n:], jnp.asarray(data.gap)
 
-    def _batch(self, idx):
+    def batch(self, idx):
         if self.on_features:
             h_c, h_r, gap = self._features[id(self.train_data)]
             return h_c[idx], h_r[idx], gap[idx]
         return jax.tree.map(jnp.asarray, self.train_data.take(idx))
-
-    # -- training -------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        idx = epoch_batches(self.train_data.size, self.cfg.batch_size, self.step, self.cfg.seed)
-        self.trainable, self.opt_state, m = self._step_fn(
-            self.trainable, self.frozen, self.opt_state, self._batch(idx),
-            jnp.float32(self.cfg.margin), jnp.float32(self.cfg.margin_from_gap))
-        self.step += 1
-        return {k: float(v) for k, v in m.items()}
-
-    def train(self, steps: int | None = None, eval_every: int = 0, progress=None) -> list[dict]:
-        """Run up to `steps` (default cfg.steps) steps; evaluates every `eval_every` steps."""
-        steps = self.cfg.steps if steps is None else steps
-        history = []
-        it = range(self.step, steps)
-        for _ in (progress(it) if progress else it):
-            metrics = self.train_step()
-            if eval_every and self.eval_data is not None and (self.step % eval_every == 0 or self.step == steps):
-                metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
-            history.append(metrics)
-            if self.log:
-                self.log(self.step, **metrics)
-            if self.ckpt is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save()
-                if self.ckpt.should_stop:
-                    break
-        if self.ckpt is not None:
-            self.save()
-        return history
 
     # -- evaluation -----------------------------------------------------------------------------
     def pair_scores(self, data: PairArrays) -> tuple[np.ndarray, np.ndarray]:
@@ -334,23 +221,3 @@ class RewardModelTrainer:
         loss, metrics = bt_scores_and_loss(jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(data.gap),
                                            self.cfg.margin, self.cfg.margin_from_gap, self.cfg.center_coef)
         return {"pairwise_accuracy": float(metrics["accuracy"]), "loss": float(loss), "pairs": data.size}
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(self) -> bool:
-        """Checkpoint the current step (once per step)."""
-        if self.ckpt is None:
-            raise ValueError("no checkpointer was given to the trainer")
-        if self._saved_step == self.step or self.ckpt.latest_step() == self.step:
-            return False
-        self._saved_step = self.step
-        return save_training_state(self.ckpt, self.step, self.trainable, self.opt_state, self.finetune,
-                                   config=self.cfg)
-
-    def restore(self, step: int | None = None) -> int:
-        """Resume from the checkpointer (latest step by default); returns the restored step."""
-        if self.ckpt is None:
-            raise ValueError("no checkpointer was given to the trainer")
-        self.trainable, self.opt_state, self.step = restore_training_state(
-            self.ckpt, self.trainable, self.opt_state, self.finetune, step)
-        self._place()  # whatever mesh the checkpoint was saved from, train on this one
-        return self.step

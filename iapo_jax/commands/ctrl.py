@@ -12,8 +12,16 @@ import dataclasses
 import sys
 
 from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR, CTRLConfig
+from iapo_jax.commands.common import job_context
 from iapo_jax.commands.configs import MeshFlags
-from iapo_jax.commands.job_inputs import JobInputError, resolve_model_source
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+    same_reward,
+)
 
 RESUMABLE = True
 REPRODUCE_IGNORE = ("*seconds",)  # the step's stage timings (StageClock)
@@ -77,7 +85,6 @@ def check_config(cfg: CtrlJobConfig) -> None:
     if cfg.pool_dir is None and cfg.transform != "raw" and cfg.pool_size < 2:
         raise JobInputError(f"--pool-size must be at least 2 (calibration ranks a response among "
                             f"the reference samples of its prompt), got {cfg.pool_size}")
-    from iapo_jax.commands.job_inputs import reward_spec
 
     reward_spec(cfg.reward)  # names, options and paths; the vocabulary is checked in run()
 
@@ -85,7 +92,6 @@ def check_config(cfg: CtrlJobConfig) -> None:
 def check_pool(cfg: CtrlJobConfig, meta: dict, pool_dir) -> None:
     """A pool calibrates this run only if it was scored and sampled as this run scores and samples
     (the pool's meta, written by `iapo calibrate`)."""
-    from iapo_jax.commands.job_inputs import reward_spec, same_reward
 
     if "reward" in meta:
         pool_reward = reward_spec(meta["reward"], dict(meta.get("reward_options") or {}),
@@ -149,9 +155,8 @@ def run(cfg: CtrlJobConfig) -> dict:
 
     import iapo_jax
     from iapo_jax.alignment.ctrl import CTRLTrainer
-    from iapo_jax.commands.common import job_context
+    from iapo_jax.alignment.trainer import Hook
     from iapo_jax.commands.eval import pool_directory
-    from iapo_jax.commands.job_inputs import build_reward, record_reward, reward_spec
     from iapo_jax.data.prompts import load_chat_prompts
     from iapo_jax.rewards.calibration import ReferencePool
     from iapo_jax.rewards.pools import sample_reference_pool
@@ -205,16 +210,19 @@ def run(cfg: CtrlJobConfig) -> dict:
             out["extra"] = {**out.get("extra", {}), LAST_METRICS: last}
             return out
 
-        for _ in ctx.progress(range(trainer.step, cfg.steps), desc="ctrl", initial=trainer.step,
-                              total=cfg.steps):
-            result = trainer.train_step()
-            last = dict(result.metrics)
-            if cfg.probe_every and trainer.step % cfg.probe_every == 0:
-                last["probe_win_rate"] = trainer.probe_win_rate()
-            ctx.log(trainer.step, **last)
-            ckpt.maybe_save(trainer.step, **items(), config=cfg)
-            if ckpt.should_stop:
-                break  # the CLI says how to resume and exits with the preemption status
+        def log_and_save(step: int, metrics: dict) -> bool:
+            nonlocal last
+            last = dict(metrics)
+            ctx.log(step, **last)
+            ckpt.maybe_save(step, **items(), config=cfg)
+            return ckpt.should_stop  # the CLI says how to resume and exits with the preemption status
+
+        hooks = [Hook(log_and_save)]
+        if cfg.probe_every:
+            hooks.insert(0, Hook(lambda step, metrics: metrics.update(probe_win_rate=trainer.probe_win_rate()),
+                                 every=cfg.probe_every, at_last=False))
+        trainer.fit(cfg.steps, hooks, progress=lambda steps: ctx.progress(
+            steps, desc="ctrl", initial=trainer.step, total=cfg.steps))
         with signals.shield():  # the final save and the export finish even if SIGTERM arrives now
             if trainer.step >= cfg.steps:
                 ctx.mark_complete()

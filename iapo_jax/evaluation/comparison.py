@@ -363,6 +363,7 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
 
     import iapo_jax
     from iapo_jax.alignment.ctrl import CTRLTrainer
+    from iapo_jax.alignment.trainer import Hook
     from iapo_jax.data.prompts import load_chat_prompts
     from iapo_jax.evaluation.reused_pools import load_pools_from
     from iapo_jax.rewards.spec import build_reward, parse_reward_spec
@@ -421,18 +422,19 @@ def run_comparison(cfg: CompareConfig, ctx, log: Callable[[str], None] = print, 
                 + (" fixed" if mcfg.target_kl is None else f" adapted to KL {mcfg.target_kl}")
                 + f", {mcfg.steps} steps ({mcfg.warmup_steps} warmup)")
             curve = []
-            for _ in ctx.progress(range(mcfg.steps), desc=f"train {name}"):
-                res = trainer.train_step()
-                logged = {f"{name}/{k}": v for k, v in res.metrics.items()}
-                if cfg.probe_every and (trainer.step % cfg.probe_every == 0 or trainer.step == mcfg.steps):
-                    point_t = trainer.t if point else None
-                    curve.append(probe(trainer, method, point_t, reference, tokenizer, reward, eval_pool,
-                                       cfg, jax.random.fold_in(key, 7), judges=judged))
-                    logged.update({f"{name}/probe_{k}": v for k, v in curve[-1].items()
-                                   if k not in ("step", "judges") and v is not None})
-                    logged.update({f"{name}/probe_judge.{j}_win_rate": v
-                                   for j, v in curve[-1].get("judges", {}).items()})
-                ctx.log(trainer.step, **logged)
+
+            def probe_point(step: int, metrics: dict, trainer=trainer, method=method, point=point) -> None:
+                curve.append(probe(trainer, method, trainer.t if point else None, reference, tokenizer, reward,
+                                   eval_pool, cfg, jax.random.fold_in(key, 7), judges=judged))
+                metrics.update({f"probe_{k}": v for k, v in curve[-1].items()
+                                if k not in ("step", "judges") and v is not None})
+                metrics.update({f"probe_judge.{j}_win_rate": v for j, v in curve[-1].get("judges", {}).items()})
+
+            hooks = [Hook(probe_point, every=cfg.probe_every)] if cfg.probe_every else []
+            hooks.append(Hook(lambda step, metrics, name=name: ctx.log(
+                step, **{f"{name}/{k}": v for k, v in metrics.items()})))
+            trainer.fit(mcfg.steps, hooks, progress=lambda steps, name=name: ctx.progress(
+                steps, desc=f"train {name}"))
         with ctx.timer(f"eval_{name}"):
             row = evaluate_policy(trainer.current_policy(), reference, tokenizer, reward, eval_pool, cfg,
                                   jax.random.fold_in(key, 100 + len(rows)), judges=judged)

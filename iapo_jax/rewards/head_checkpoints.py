@@ -1,7 +1,7 @@
 """Saving, resuming and reloading trained head models (reward models and prefix scorers).
 
 A training run keeps Orbax checkpoints (through ``iapo_jax.runtime.checkpointing``) of what it
-trains only: the head, LoRA factors, or the full state (see ``trainable.Finetune``), plus the
+trains only: the head, LoRA factors, or the full state (see ``models.finetune.Finetune``), plus the
 optimizer state. Beside them it writes ``head_model.json`` naming the base model, the training
 mode, the checkpoint folder and (for reward models) the pooling, so ``load_head_model(run_dir)``
 can rebuild the trained model: load the base, attach a head, restore the trainable part onto it
@@ -19,7 +19,7 @@ import jax
 
 from iapo_jax.errors import IapoError
 from iapo_jax.models.heads import POOLINGS
-from iapo_jax.rewards.trainable import Finetune, merged_state, split_for_training
+from iapo_jax.models.finetune import Finetune, merged_state, split_for_training
 
 SPEC_FILE = "head_model.json"
 KINDS = ("reward", "value")

@@ -17,13 +17,13 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from iapo_jax.data.tokenize import Prompt, chat_token_ids, left_pad, left_padded_mask
 from iapo_jax.rewards.base import check_batch, check_scores
 from iapo_jax.rewards.registry import register_reward
+from iapo_jax.runtime.fixed_chunks import map_fixed_chunks
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +90,9 @@ def _score_jit(graphdef, state, ids, mask):
 
 def score_arrays(model, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Scores of token rows in fixed-size chunks (the last one padded), as float32 [n]."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     graphdef, state = nnx.split(model)
-    n = ids.shape[0]
-    out = []
-    for start in range(0, n, batch_size):
-        chunk_ids, chunk_mask = ids[start:start + batch_size], mask[start:start + batch_size]
-        real = chunk_ids.shape[0]
-        if real < batch_size:  # pad with copies of the first row: same shape, same program
-            pad = batch_size - real
-            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], pad, 0)])
-            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[:1], pad, 0)])
-        scores = _score_jit(graphdef, state, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask))
-        out.append(np.asarray(scores)[:real])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    scores = map_fixed_chunks(functools.partial(_score_jit, graphdef, state), (ids, mask), batch_size)
+    return np.zeros((0,), np.float32) if scores is None else np.asarray(scores)
 
 
 class JaxRewardModel:

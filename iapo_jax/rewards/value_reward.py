@@ -19,6 +19,7 @@ from flax import nnx
 
 from iapo_jax.rewards.base import check_scores
 from iapo_jax.rewards.reward_model import _check_pairs, encode_pairs_text
+from iapo_jax.runtime.fixed_chunks import map_fixed_chunks
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -55,13 +56,5 @@ class ValueModelReward:
             return np.zeros((0,), np.float32)
         ids, mask, _ = encode_pairs_text(self.tokenizer, prompts, responses, self.max_length)
         graphdef, state = nnx.split(self.model)
-        out = []
-        for start in range(0, n, self.batch_size):
-            chunk_ids, chunk_mask = ids[start:start + self.batch_size], mask[start:start + self.batch_size]
-            real = chunk_ids.shape[0]
-            if real < self.batch_size:  # pad with copies of the first row: same shape, same program
-                chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], self.batch_size - real, 0)])
-                chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[:1], self.batch_size - real, 0)])
-            values = _final_values(graphdef, state, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask))
-            out.append(np.asarray(values, np.float32)[:real])
-        return check_scores(np.concatenate(out), n, self.name)
+        values = map_fixed_chunks(functools.partial(_final_values, graphdef, state), (ids, mask), self.batch_size)
+        return check_scores(np.asarray(values, np.float32), n, self.name)

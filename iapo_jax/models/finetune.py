@@ -1,4 +1,4 @@
-"""Which weights a reward model or prefix scorer trains, and the optimizer that trains them.
+"""Which weights a reward model or prefix scorer trains, and its training state as (frozen, trainable).
 
 Both trainers (Bradley-Terry reward models, CD-FUDGE / CD-Q prefix scorers) train a scalar head on
 the shared backbone (`iapo_jax.models.heads`) in one of three modes:
@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from iapo_jax.models import lora
@@ -49,44 +48,6 @@ class Finetune:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW on a linear-warmup + cosine-decay schedule, after global-norm clipping."""
-
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    end_fraction: float = 0.1  # final learning rate = end_fraction * learning_rate
-
-    def validate(self) -> "OptimizerConfig":
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive (got {self.learning_rate})")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0 (got {self.weight_decay})")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive (got {self.max_grad_norm})")
-        if not 0 <= self.end_fraction <= 1:
-            raise ValueError(f"end_fraction must be in [0, 1] (got {self.end_fraction})")
-        return self
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with warmup to `learning_rate` and cosine decay after it."""
-    cfg.validate()
-    if total_steps < 1:
-        raise ValueError(f"the number of training steps must be >= 1 (got {total_steps})")
-    warmup = min(cfg.warmup_steps, total_steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate, peak_value=cfg.learning_rate,
-        warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.learning_rate * cfg.end_fraction)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
 def _name(path) -> str:
