@@ -142,12 +142,12 @@ def test_bad_python_reward_is_a_clear_error(llama, reward, message):
     ],
 )
 def test_bad_input_before_compute(llama, kwargs, message, monkeypatch):
-    from iapo_jax.decoding import best_of_n as mod
+    from iapo_jax.decoding import engine
 
     def no_compute(*a, **k):
         raise AssertionError("compute started before validation")
 
-    monkeypatch.setattr(mod, "start_jit", no_compute)
+    monkeypatch.setattr(engine, "start_jit", no_compute)
     kw = dict(reward=REWARD, n=N, max_new_tokens=8)
     kw.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):

@@ -177,14 +177,12 @@ def test_sharded_blockwise_and_token_cd_equal_unsharded(llama, value_model):
     ],
 )
 def test_bad_input_before_compute(llama, value_model, call, message, monkeypatch):
-    from iapo_jax.decoding import blockwise
-    from iapo_jax.decoding import token_cd as token_cd_mod
+    from iapo_jax.decoding import engine
 
     def no_compute(*a, **k):
         raise AssertionError("compute started before validation")
 
-    monkeypatch.setattr(blockwise, "start_jit", no_compute)
-    monkeypatch.setattr(token_cd_mod, "start_jit", no_compute)
+    monkeypatch.setattr(engine, "start_jit", no_compute)
     with pytest.raises((ValueError, TypeError), match=message):
         call(llama, value_model)
 

@@ -184,12 +184,13 @@ def test_schedule_from_fractions():
     ],
 )
 def test_bad_schedules_before_compute(llama, schedule, message, monkeypatch):
+    from iapo_jax.decoding import engine
     from iapo_jax.decoding import pruned_best_of_n as mod
 
     def no_compute(*a, **k):
         raise AssertionError("compute started before validation")
 
-    monkeypatch.setattr(mod, "start_jit", no_compute)
-    monkeypatch.setattr(mod, "prepare", no_compute)
+    monkeypatch.setattr(engine, "start_jit", no_compute)
+    monkeypatch.setattr(mod, "prepare_batch", no_compute)
     with pytest.raises(ValueError, match=message):
         pruned_best_of_n(llama, PROMPTS, REWARD, PREFIX, n=N, schedule=schedule, max_new_tokens=R)

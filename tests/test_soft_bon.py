@@ -326,7 +326,7 @@ def test_decoder_refuses_a_bad_lam_before_compute(llama, kwargs, match, monkeypa
     def boom(*a, **k):
         raise AssertionError("compute started")
 
-    monkeypatch.setattr(bon_mod, "prepare", boom)
+    monkeypatch.setattr(bon_mod, "prepare_batch", boom)
     with pytest.raises(ValueError, match=match):
         bon_mod.best_of_n(llama, DECODE_PROMPTS[:2], _sines(), n=3, max_new_tokens=8, **kwargs)
 

@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
-from iapo_jax.decoding.engine import decode_jit, decode_texts, split_model, start_jit, trim
+from iapo_jax.decoding.engine import (
+    decode_jit,
+    decode_texts,
+    open_frame,
+    prepare_batch,
+    response_texts,
+    trimmed_responses,
+)
 from iapo_jax.decoding.filters import DEFAULT_CAP
-from iapo_jax.decoding.inputs import as_key, prepare
+from iapo_jax.decoding.inputs import as_key
 from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
 from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice
+from iapo_jax.decoding.settings import FrameConfig, SamplingConfig, resolve_settings
 from iapo_jax.decoding.scorers import as_scorer_set, final_scores, host_scores, host_weights
 
 
@@ -106,36 +112,19 @@ def final_scores_jit(kinds, sstates, ids, mask, tokens, lengths, *, n: int):
     return final_scores(kinds, sstates, jnp.repeat(ids, n, 0), jnp.repeat(mask, n, 0), tokens, lengths)
 
 
-def best_of_n(
-    model,
-    prompts,
-    reward,
-    *,
-    n: int,
-    max_new_tokens,
-    worst: bool = False,
-    weights=None,
-    key: Any = 0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    stop_tokens=None,
-    tokenizer=None,
-    chat: bool = True,
-    mesh=None,
-    data_axis: str = "data",
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
-    cap: int = DEFAULT_CAP,
-    lam: float | None = None,
-) -> BestOfNOutput:
+def best_of_n(model, prompts, reward, *, n: int, worst: bool = False, weights=None, lam: float | None = None,
+              sampling: SamplingConfig | None = None, frame: FrameConfig | None = None,
+              **settings) -> BestOfNOutput:
     """Sample n responses per prompt and select the best (or, with worst=True, the worst); with
     lam, soft best-of-N: response i with probability softmax(score / lam)_i.
 
     reward: a scorer or a list of scorers / (scorer, weight) pairs (see `scorers`); `weights`
     overrides the weights at call time. Python scorers get (prompt texts, response texts) and must
-    return one finite score per response.
+    return one finite score per response. sampling / frame, or their fields as keywords: see
+    ``decoding.settings`` and ``engine.sample``.
     """
+    sampling, frame = resolve_settings("best_of_n", sampling, frame, settings)
+    tokenizer, key = frame.tokenizer, sampling.key
     if int(n) < 1:
         raise ValueError(f"N must be at least 1, got {n}.")
     n = int(n)
@@ -146,13 +135,9 @@ def best_of_n(
     sset = as_scorer_set(reward, weights)
     if sset.has_host and tokenizer is None:
         raise ValueError("a Python scorer scores text: pass tokenizer= so responses can be decoded.")
-    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
-                    stop_tokens=stop_tokens, key=key, temperature=temperature, top_k=top_k,
-                    top_p=top_p, prompt_buckets=prompt_buckets, response_buckets=response_buckets,
-                    mesh=mesh, data_axis=data_axis)
-    graphdef, state = split_model(model, mesh)
-    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
-                          response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
+    batch = prepare_batch(model, prompts, sampling, frame)
+    f = open_frame(model, batch, frame, n=n)
+    graphdef, state, ds, rules, cap = f.graphdef, f.state, f.ds, f.rules, frame.cap
     rows = batch.real_rows * n
     b = batch.real_rows
     if not sset.has_host:
@@ -185,15 +170,11 @@ def best_of_n(
     all_w = np.concatenate([np.asarray(sset.weights), host_weights(sset.host)]) if sset.has_host \
         else np.asarray(sset.weights)
     total = jnp.asarray(all_w) @ parts
-    cols = batch.max_new_tokens
-    shape3 = lambda x: trim(x, rows, cols).reshape(b, n, -1)  # noqa: E731
     out = BestOfNOutput(
-        tokens=shape3(ds.tokens), lengths=trim(ds.lengths, rows).reshape(b, n),
-        logprobs=shape3(ds.logprobs), raw_logprobs=shape3(ds.raw_logprobs),
+        **trimmed_responses(ds, rows, batch.max_new_tokens, per_prompt=n),
         scores=total.reshape(b, n), component_scores=parts.reshape(-1, b, n), chosen=chosen,
         # soft: the served pmf is at most N times pi's (one of N draws), so KL <= log N
         kl_bound=math.log(n) if soft else best_of_k_kl_bound(n))
     if tokenizer is not None:
-        flat = decode_texts(tokenizer, out.tokens.reshape(rows, -1), out.lengths.reshape(rows))
-        out = out.replace(texts=tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(b)))
+        out = out.replace(texts=response_texts(tokenizer, out.tokens, out.lengths))
     return out

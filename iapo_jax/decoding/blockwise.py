@@ -12,7 +12,6 @@ identity); M >= the response length is best-of-K with the scorer as reward.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +19,11 @@ import numpy as np
 from flax import nnx, struct
 
 from iapo_jax.decoding.best_of_n import select
-from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
-from iapo_jax.decoding.engine import decode_texts, split_model, start_jit, trim
+from iapo_jax.decoding.engine import decode_texts, open_frame, prepare_batch, trim, trimmed_responses
 from iapo_jax.decoding.filters import DEFAULT_CAP
-from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.kl_bounds import blockwise_kl_bound
 from iapo_jax.decoding.loop import DecodeRules, DecodeState, decode, plain_choice
+from iapo_jax.decoding.settings import FrameConfig, SamplingConfig, resolve_settings
 from iapo_jax.decoding.scorers import (
     as_scorer_set,
     block_scores,
@@ -109,33 +107,17 @@ def keep_winners_jit(ds, sstates, winners, start, *, kinds, k: int, width: int, 
     return ds, sstates, jnp.all(ds.finished)
 
 
-def blockwise_cd(
-    model,
-    prompts,
-    scorers,
-    *,
-    k: int,
-    block_size: int,
-    max_new_tokens,
-    weights=None,
-    key: Any = 0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    stop_tokens=None,
-    tokenizer=None,
-    chat: bool = True,
-    mesh=None,
-    data_axis: str = "data",
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
-    cap: int = DEFAULT_CAP,
-) -> BlockwiseOutput:
+def blockwise_cd(model, prompts, scorers, *, k: int, block_size: int, weights=None,
+                 sampling: SamplingConfig | None = None, frame: FrameConfig | None = None,
+                 **settings) -> BlockwiseOutput:
     """Blockwise CD with K candidates of `block_size` (M) tokens per step.
 
     scorers: a prefix scorer (ValueModel, PrefixFn, or a Python scorer(prompts, partial responses))
     or a list of them / (scorer, weight) pairs; `weights` sets the weights at call time.
+    sampling / frame, or their fields as keywords: see ``decoding.settings`` and ``engine.sample``.
     """
+    sampling, frame = resolve_settings("blockwise_cd", sampling, frame, settings)
+    tokenizer, cap = frame.tokenizer, frame.cap
     if int(k) < 1:
         raise ValueError(f"K (candidates per block) must be at least 1, got {k}.")
     if int(block_size) < 1:
@@ -147,15 +129,11 @@ def blockwise_cd(
                         "PrefixFn); a reward model fits best_of_n.")
     if sset.has_host and tokenizer is None:
         raise ValueError("a Python scorer scores text: pass tokenizer= so prefixes can be decoded.")
-    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
-                    stop_tokens=stop_tokens, key=key, temperature=temperature, top_k=top_k,
-                    top_p=top_p, prompt_buckets=prompt_buckets, response_buckets=response_buckets,
-                    mesh=mesh, data_axis=data_axis)
+    batch = prepare_batch(model, prompts, sampling, frame)
     r_len = -(-batch.response_len // width) * width  # whole blocks fit the buffers
     p_len = batch.ids.shape[1]
-    graphdef, state = split_model(model, mesh)
-    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules, response_len=r_len,
-                          n=k, mesh=mesh, data_axis=data_axis)
+    f = open_frame(model, batch, frame, n=k, response_len=r_len)
+    graphdef, state, ds, rules = f.graphdef, f.state, f.ds, f.rules
     sstates = start_states_jit(sset.kinds, sset.states, batch.ids, batch.mask, slots=p_len + r_len, n=k)
     b = batch.real_rows
     best = jnp.zeros((batch.ids.shape[0],), jnp.float32)
@@ -179,13 +157,9 @@ def blockwise_cd(
         if bool(done):
             break
     # Every branch of a prompt now holds the same response: read branch 0.
-    first = lambda x: x[::k]  # noqa: E731
-    cols = batch.max_new_tokens
-    lengths = trim(first(ds.lengths), b)
-    out = BlockwiseOutput(
-        tokens=trim(first(ds.tokens), b, cols), lengths=lengths,
-        logprobs=trim(first(ds.logprobs), b, cols), raw_logprobs=trim(first(ds.raw_logprobs), b, cols),
-        scores=trim(best, b), kl_bound=blockwise_kl_bound(k, np.asarray(lengths), width), blocks=blocks)
+    branch0 = trimmed_responses(ds, b, batch.max_new_tokens, stride=k)
+    out = BlockwiseOutput(**branch0, scores=trim(best, b),
+                          kl_bound=blockwise_kl_bound(k, np.asarray(branch0["lengths"]), width), blocks=blocks)
     if tokenizer is not None:
         out = out.replace(texts=decode_texts(tokenizer, out.tokens, out.lengths))
     return out

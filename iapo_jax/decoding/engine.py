@@ -11,18 +11,19 @@ Models cross `jax.jit` as (graphdef, state) and are merged inside.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx, struct
 
-from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
 from iapo_jax.decoding.filters import DEFAULT_CAP
 from iapo_jax.decoding.inputs import Batch, prepare
 from iapo_jax.decoding.loop import DecodeRules, decode, plain_choice, start
 from iapo_jax.decoding.reference import response_logprobs
+from iapo_jax.decoding.settings import FrameConfig, SamplingConfig, resolve_settings
 from iapo_jax.decoding.sharding import constrain_rows, place_params
 
 
@@ -78,6 +79,16 @@ def decode_texts(tokenizer, tokens, lengths) -> tuple[str, ...]:
     return tuple(tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(toks, lens))
 
 
+def response_texts(tokenizer, tokens, lengths):
+    """Decoded responses: a tuple of strings for [rows] lengths, a tuple per prompt for [prompts, n]."""
+    lengths = np.asarray(lengths)
+    if lengths.ndim == 1:
+        return decode_texts(tokenizer, tokens, lengths)
+    b, n = lengths.shape
+    flat = decode_texts(tokenizer, np.asarray(tokens).reshape(b * n, -1), lengths.reshape(-1))
+    return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(b))
+
+
 def trim(x, rows: int, cols: int | None = None):
     """Drop mesh-padding rows and bucket-padding columns (no copy when there are none)."""
     if x is None:
@@ -87,6 +98,57 @@ def trim(x, rows: int, cols: int | None = None):
     if cols is not None and x.ndim > 1 and x.shape[1] != cols:
         x = x[:, :cols]
     return x
+
+
+def trimmed_responses(ds, rows: int, cols: int | None, per_prompt: int | None = None,
+                      stride: int = 1) -> dict[str, Any]:
+    """tokens, lengths, logprobs and raw_logprobs of a decode state's first ``rows`` rows (of every
+    ``stride``-th row) and ``cols`` columns; with ``per_prompt``, shaped
+    [rows / per_prompt, per_prompt, ...]."""
+    every = (lambda x: x[::stride]) if stride > 1 else (lambda x: x)  # noqa: E731
+    out = {"lengths": trim(every(ds.lengths), rows)}
+    for name in ("tokens", "logprobs", "raw_logprobs"):
+        out[name] = trim(every(getattr(ds, name)), rows, cols)
+    if per_prompt is not None:
+        out = {k: v.reshape(rows // per_prompt, per_prompt, *v.shape[1:]) for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding frame: prepare -> compiled start -> (the mode's decode) -> trim -> texts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Frame:
+    """A prepared batch, the model split for jit (and placed on the mesh), and the prompts
+    prefilled into n branches each: what every mode's decode starts from."""
+
+    batch: Batch
+    graphdef: Any
+    state: Any
+    ds: Any  # loop.DecodeState
+    rules: DecodeRules
+    config: FrameConfig
+
+
+def prepare_batch(model, prompts, sampling: SamplingConfig, frame: FrameConfig) -> Batch:
+    """``inputs.prepare`` with the two configs: validated, bucketed (and sharded) input arrays."""
+    return prepare(model, prompts, max_new_tokens=sampling.max_new_tokens, tokenizer=frame.tokenizer,
+                   chat=frame.chat, stop_tokens=sampling.stop_tokens, key=sampling.key,
+                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   greedy=sampling.greedy, prompt_buckets=frame.prompt_buckets,
+                   response_buckets=frame.response_buckets, mesh=frame.mesh, data_axis=frame.data_axis)
+
+
+def open_frame(model, batch: Batch, frame: FrameConfig, *, n: int = 1, response_len: int | None = None) -> Frame:
+    """Split the model and prefill ``batch`` into ``n`` branches per prompt, with room for
+    ``response_len`` tokens (default: the batch's response bucket)."""
+    graphdef, state = split_model(model, frame.mesh)
+    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
+                          response_len=response_len or batch.response_len, n=n, mesh=frame.mesh,
+                          data_axis=frame.data_axis)
+    return Frame(batch, graphdef, state, ds, rules, frame)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,10 +164,8 @@ def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, 
     clock: a runtime.stage_clock.StageClock that gets the "rollout" and "ref_logprobs" laps."""
     if int(n) < 1:
         raise ValueError(f"number of samples per prompt must be at least 1, got {n}.")
-    graphdef, state = split_model(model, mesh)
-    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
-                          response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
-    ds = decode_jit(graphdef, state, ds, rules, batch.response_len, cap=cap)
+    f = open_frame(model, batch, FrameConfig(mesh=mesh, data_axis=data_axis), n=n)
+    ds = decode_jit(f.graphdef, f.state, f.ds, f.rules, batch.response_len, cap=cap)
     rows = batch.real_rows * n
     cols = batch.max_new_tokens if trim_output else None
     if clock is not None:
@@ -116,10 +176,7 @@ def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, 
         ref_lp = ref_logprobs_jit(rgraph, rstate, batch.ids, batch.mask, ds.tokens, ds.lengths)
         if clock is not None:
             clock.lap("ref_logprobs", ref_lp)
-    out = SampleOutput(tokens=trim(ds.tokens, rows, cols), lengths=trim(ds.lengths, rows),
-                       logprobs=trim(ds.logprobs, rows, cols),
-                       raw_logprobs=trim(ds.raw_logprobs, rows, cols),
-                       ref_logprobs=trim(ref_lp, rows, cols))
+    out = SampleOutput(**trimmed_responses(ds, rows, cols), ref_logprobs=trim(ref_lp, rows, cols))
     if tokenizer is not None:
         out = out.replace(texts=decode_texts(tokenizer, out.tokens, out.lengths))
         if clock is not None:
@@ -127,41 +184,21 @@ def sample_batch(model, batch: Batch, *, n: int = 1, ref_model=None, mesh=None, 
     return out
 
 
-def sample(
-    model,
-    prompts,
-    *,
-    max_new_tokens,
-    n: int = 1,
-    key: Any = 0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    greedy=False,
-    stop_tokens=None,
-    tokenizer=None,
-    chat: bool = True,
-    ref_model=None,
-    mesh=None,
-    data_axis: str = "data",
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
-    cap: int = DEFAULT_CAP,
-) -> SampleOutput:
+def sample(model, prompts, *, n: int = 1, ref_model=None, sampling: SamplingConfig | None = None,
+           frame: FrameConfig | None = None, **settings) -> SampleOutput:
     """Sample n responses per prompt.
 
-    prompts: strings (with `tokenizer`; chat template applied when `chat`) or token-id lists.
-    max_new_tokens, temperature, top_k, top_p, greedy: scalars or one value per prompt.
-    stop_tokens: ids or token strings, shared or one set per prompt (default: the EOS ids).
+    prompts: strings (with a tokenizer; chat template applied when `chat`) or token-id lists.
+    sampling / frame, or their fields as keywords (see ``decoding.settings``): max_new_tokens,
+    temperature, top_k, top_p, greedy are scalars or one value per prompt; stop_tokens ids or
+    token strings, shared or one set per prompt (default: the EOS ids); mesh splits the batch over
+    its `data_axis` (rows are padded to a multiple of its size).
     ref_model: also return the sampled tokens' log-probs under this model.
-    mesh: split the batch over its `data_axis` (rows are padded to a multiple of its size).
     """
-    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
-                    stop_tokens=stop_tokens, key=key, temperature=temperature, top_k=top_k,
-                    top_p=top_p, greedy=greedy, prompt_buckets=prompt_buckets,
-                    response_buckets=response_buckets, mesh=mesh, data_axis=data_axis)
-    return sample_batch(model, batch, n=n, ref_model=ref_model, mesh=mesh, data_axis=data_axis,
-                        cap=cap, tokenizer=tokenizer)
+    sampling, frame = resolve_settings("sample", sampling, frame, settings)
+    batch = prepare_batch(model, prompts, sampling, frame)
+    return sample_batch(model, batch, n=n, ref_model=ref_model, mesh=frame.mesh, data_axis=frame.data_axis,
+                        cap=frame.cap, tokenizer=frame.tokenizer)
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, **kwargs) -> SampleOutput:

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,15 @@ from flax import nnx, struct
 
 from iapo_jax.decoding.best_of_n import ServedResponse, final_scores_jit, select
 from iapo_jax.decoding.blockwise import start_states_jit
-from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
-from iapo_jax.decoding.engine import decode_texts, split_model, start_jit, trim
+from iapo_jax.decoding.engine import (
+    decode_texts,
+    open_frame,
+    prepare_batch,
+    response_texts,
+    trim,
+    trimmed_responses,
+)
 from iapo_jax.decoding.filters import DEFAULT_CAP, sample_next
-from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.loop import DecodeRules, DecodeState, decode
 from iapo_jax.decoding.scorers import (
     as_scorer_set,
@@ -37,6 +42,7 @@ from iapo_jax.decoding.scorers import (
     host_scores,
     host_weights,
 )
+from iapo_jax.decoding.settings import FrameConfig, SamplingConfig, resolve_settings
 from iapo_jax.decoding.sharding import constrain_rows
 
 
@@ -188,53 +194,32 @@ def _weighted_total(sset, batch, ds, parts, alive: int, tokenizer) -> np.ndarray
     return total
 
 
-def pruned_best_of_n(
-    model,
-    prompts,
-    reward,
-    prefix_scorer,
-    *,
-    n: int,
-    schedule: PruneSchedule | str,
-    max_new_tokens,
-    worst: bool = False,
-    key: Any = 0,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    stop_tokens=None,
-    tokenizer=None,
-    chat: bool = True,
-    mesh=None,
-    data_axis: str = "data",
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
-    cap: int = DEFAULT_CAP,
-) -> PrunedBestOfNOutput:
+def pruned_best_of_n(model, prompts, reward, prefix_scorer, *, n: int, schedule: PruneSchedule | str,
+                     worst: bool = False, sampling: SamplingConfig | None = None,
+                     frame: FrameConfig | None = None, **settings) -> PrunedBestOfNOutput:
     """Best-of-N (worst-of-N with worst=True) whose branches are pruned early by a prefix scorer.
 
     reward: the final scorer(s), as in `best_of_n`. prefix_scorer: what ranks partial responses at
     each checkpoint: a ValueModel (e.g. a CD-FUDGE scorer, on its own KV cache), a PrefixFn or a
     Python scorer run on the partial text, or a list of (scorer, weight) pairs. Worst-of-N keeps the
-    lowest-scoring branches. An empty schedule is full best-of-N.
+    lowest-scoring branches. An empty schedule is full best-of-N. sampling / frame, or their fields
+    as keywords: see ``decoding.settings`` and ``engine.sample``.
     """
+    sampling, frame = resolve_settings("pruned_best_of_n", sampling, frame, settings)
+    tokenizer, mesh, data_axis, cap = frame.tokenizer, frame.mesh, frame.data_axis, frame.cap
     if int(n) < 1:
         raise ValueError(f"N must be at least 1, got {n}.")
     n = int(n)
     schedule = PruneSchedule.parse(schedule) if isinstance(schedule, str) else schedule
-    longest = int(np.max(np.asarray(max_new_tokens)))
+    longest = int(np.max(np.asarray(sampling.max_new_tokens)))
     schedule.check(n, longest)
     final = as_scorer_set(reward)
     prefix = as_scorer_set(prefix_scorer)
     if (final.has_host or prefix.has_host) and tokenizer is None:
         raise ValueError("a Python scorer scores text: pass tokenizer= so responses can be decoded.")
-    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
-                    stop_tokens=stop_tokens, key=key, temperature=temperature, top_k=top_k,
-                    top_p=top_p, prompt_buckets=prompt_buckets, response_buckets=response_buckets,
-                    mesh=mesh, data_axis=data_axis)
-    graphdef, state = split_model(model, mesh)
-    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
-                          response_len=batch.response_len, n=n, mesh=mesh, data_axis=data_axis)
+    batch = prepare_batch(model, prompts, sampling, frame)
+    f = open_frame(model, batch, frame, n=n)
+    graphdef, state, ds, rules = f.graphdef, f.state, f.ds, f.rules
     full_rows = ds.lengths.shape[0]
     ds = ds.replace(aux=jnp.arange(full_rows, dtype=jnp.int32))
     sstates = start_states_jit(prefix.kinds, prefix.states, batch.ids, batch.mask,
@@ -269,14 +254,10 @@ def pruned_best_of_n(
     rows = b * alive
     lengths = trim(ds.lengths, rows).reshape(b, alive)
     generated += np.asarray(lengths).sum(1)
-    cols = batch.max_new_tokens
-    shape3 = lambda x: trim(x, rows, cols).reshape(b, alive, -1)  # noqa: E731
     out = PrunedBestOfNOutput(
-        tokens=shape3(ds.tokens), lengths=lengths, logprobs=shape3(ds.logprobs),
-        raw_logprobs=shape3(ds.raw_logprobs), scores=jnp.asarray(totals, jnp.float32),
+        **trimmed_responses(ds, rows, batch.max_new_tokens, per_prompt=alive), scores=jnp.asarray(totals, jnp.float32),
         branch=trim(ds.aux, rows).reshape(b, alive) - (jnp.arange(b) * n)[:, None], chosen=chosen,
         prefix_scores=tuple(prefix_log), generated_tokens=generated, decoded_rows=decoded_rows)
     if tokenizer is not None:
-        flat = decode_texts(tokenizer, out.tokens.reshape(rows, -1), out.lengths.reshape(rows))
-        out = out.replace(texts=tuple(tuple(flat[i * alive:(i + 1) * alive]) for i in range(b)))
+        out = out.replace(texts=response_texts(tokenizer, out.tokens, out.lengths))
     return out

@@ -12,7 +12,6 @@ traced, so sweeping them never recompiles; lambda = 0 is plain top-k sampling wi
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +19,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from iapo_jax.decoding.buckets import PROMPT_BUCKETS, RESPONSE_BUCKETS
-from iapo_jax.decoding.engine import SampleOutput, decode_texts, split_model, start_jit, trim
+from iapo_jax.decoding.engine import SampleOutput, decode_texts, open_frame, prepare_batch, trimmed_responses
 from iapo_jax.decoding.filters import inverse_cdf
-from iapo_jax.decoding.inputs import prepare
 from iapo_jax.decoding.loop import DecodeRules, decode
 from iapo_jax.decoding.scorers import as_scorer_set, candidate_values, commit_candidates, start_states
+from iapo_jax.decoding.settings import FrameConfig, SamplingConfig, resolve_settings
 
 
 def tilted_choice(kinds, states, weights, lam, k: int, ids, mask):
@@ -62,33 +60,19 @@ def token_cd_jit(graphdef, state, ds, rules: DecodeRules, ids, mask, kinds, stat
     return decode(model, ds, rules, until, tilted_choice(kinds, states, weights, lam, k, ids, mask))
 
 
-def token_cd(
-    model,
-    prompts,
-    scorers,
-    *,
-    lam=1.0,
-    k: int = 10,
-    max_new_tokens,
-    weights=None,
-    key: Any = 0,
-    temperature=1.0,
-    greedy=False,
-    stop_tokens=None,
-    tokenizer=None,
-    chat: bool = True,
-    mesh=None,
-    data_axis: str = "data",
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    response_buckets: Sequence[int] = RESPONSE_BUCKETS,
-) -> SampleOutput:
+def token_cd(model, prompts, scorers, *, lam=1.0, k: int = 10, weights=None,
+             sampling: SamplingConfig | None = None, frame: FrameConfig | None = None,
+             **settings) -> SampleOutput:
     """Token-level CD over the top-k tokens of the base policy.
 
     lam: scalar or one per prompt (0 = plain top-k sampling). scorers: JAX prefix scorers
     (ValueModel, PrefixFn) or (scorer, weight) pairs; Python scorers would cost a host round trip
     per token and are rejected (use blockwise_cd). Returned logprobs are under the tilted
     distribution that was sampled; raw_logprobs under the unfiltered base policy.
+    sampling / frame, or their fields as keywords: see ``decoding.settings`` and ``engine.sample``;
+    the candidates are the k most likely tokens, so top_k and top_p do not apply.
     """
+    sampling, frame = resolve_settings("token_cd", sampling, frame, settings, unused=("top_k", "top_p"))
     if int(k) < 1:
         raise ValueError(f"k (candidate tokens) must be at least 1, got {k}.")
     k = min(int(k), model.config.vocab_size)
@@ -98,27 +82,21 @@ def token_cd(
                         "Python scorers cannot run there. Use a ValueModel or PrefixFn, or blockwise_cd.")
     if any(kind == "reward" for kind, _ in sset.kinds):
         raise TypeError("token-level CD needs a prefix scorer (ValueModel or PrefixFn), not a reward model.")
-    batch = prepare(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, chat=chat,
-                    stop_tokens=stop_tokens, key=key, temperature=temperature, greedy=greedy,
-                    prompt_buckets=prompt_buckets, response_buckets=response_buckets, mesh=mesh,
-                    data_axis=data_axis)
+    batch = prepare_batch(model, prompts, sampling, frame)
     rows = batch.ids.shape[0]
     lam_arr = np.asarray(lam, np.float32)
     lam_arr = np.full((batch.real_rows,), lam_arr) if lam_arr.ndim == 0 else lam_arr
     if lam_arr.shape != (batch.real_rows,) or not np.all(np.isfinite(lam_arr)):
         raise ValueError(f"lam must be a finite scalar or one finite value per prompt, got {lam!r}.")
     lam_arr = np.concatenate([lam_arr, np.zeros((rows - batch.real_rows,), np.float32)])
-    graphdef, state = split_model(model, mesh)
-    ds, rules = start_jit(graphdef, state, batch.ids, batch.mask, batch.rules,
-                          response_len=batch.response_len, mesh=mesh, data_axis=data_axis)
+    f = open_frame(model, batch, frame)
+    graphdef, state, ds, rules = f.graphdef, f.state, f.ds, f.rules
     sstates = _start_states_jit(sset.kinds, sset.states, batch.ids, batch.mask,
                                 slots=batch.ids.shape[1] + batch.response_len, n=k)
     ds = ds.replace(aux=sstates)
     ds = token_cd_jit(graphdef, state, ds, rules, batch.ids, batch.mask, sset.kinds, sset.states,
                       sset.weights, jnp.asarray(lam_arr), batch.response_len, k=k)
-    b, cols = batch.real_rows, batch.max_new_tokens
-    out = SampleOutput(tokens=trim(ds.tokens, b, cols), lengths=trim(ds.lengths, b),
-                       logprobs=trim(ds.logprobs, b, cols), raw_logprobs=trim(ds.raw_logprobs, b, cols))
-    if tokenizer is not None:
-        out = out.replace(texts=decode_texts(tokenizer, out.tokens, out.lengths))
+    out = SampleOutput(**trimmed_responses(ds, batch.real_rows, batch.max_new_tokens))
+    if frame.tokenizer is not None:
+        out = out.replace(texts=decode_texts(frame.tokenizer, out.tokens, out.lengths))
     return out
