@@ -26,6 +26,8 @@ from typing import Literal
 
 import tyro
 
+from iapo_jax.commands.job_inputs import check_output_file
+
 REPRODUCE_IGNORE = ("*",)  # every number here is a timing
 SINGLE_PROCESS = True  # timings of one process against transformers; no multi-process flags
 
@@ -166,7 +168,6 @@ def run(cfg: BenchConfig) -> dict:
     from iapo_jax.bench.report import tables
     from iapo_jax.bench.roofline import measure_machine
     from iapo_jax.bench.train_step import run_train_benchmark, train_table
-    from iapo_jax.commands.job_inputs import check_output_file
 
     check_output_file(cfg.json, "--json")  # before the benchmark, so its results are not lost
     check_output_file(cfg.markdown, "--markdown")

@@ -22,6 +22,22 @@ from typing import Literal
 
 import numpy as np
 
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    check_distinct,
+    check_sampling,
+    load_model_and_tokenizer,
+    load_prompts,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+    spec_meta,
+)
+from iapo_jax.commands.job_outputs import digest_number, tie_fraction
+from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
+
 POOL_DIR = "pool"
 REPRODUCE_IGNORE = ("*per_s",)
 
@@ -72,8 +88,6 @@ class CalibrateConfig:
 
 
 def check_config(cfg: CalibrateConfig) -> None:
-    from iapo_jax.commands.job_inputs import JobInputError, check_sampling
-
     check_sampling(cfg)
     if cfg.samples < 2:
         raise JobInputError(f"--samples must be at least 2 (calibration compares a response with m "
@@ -83,7 +97,6 @@ def check_config(cfg: CalibrateConfig) -> None:
 def pool_meta(cfg: CalibrateConfig, source: str, reward_options: dict, spec=None) -> dict:
     """What a pool's user needs to sample its policy the same way and score it with the same reward
     (``spec``: the parsed reward spec; without it, cfg.reward with ``reward_options``)."""
-    from iapo_jax.commands.job_inputs import spec_meta
 
     reward = spec_meta(spec) if spec is not None else {"reward": cfg.reward,
                                                        "reward_options": reward_options}
@@ -95,18 +108,6 @@ def pool_meta(cfg: CalibrateConfig, source: str, reward_options: dict, spec=None
 def run(cfg: CalibrateConfig) -> dict:
     import jax
 
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        build_reward,
-        check_distinct,
-        load_model_and_tokenizer,
-        load_prompts,
-        record_reward,
-        resolve_model_source,
-        reward_spec,
-    )
-    from iapo_jax.commands.job_outputs import digest_number, tie_fraction
-    from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
     from iapo_jax.decoding.engine import decode_texts, sample
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.calibration import ReferencePool

@@ -7,6 +7,14 @@ import sys
 
 from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
 from iapo_jax.evaluation.comparison import CompareConfig
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+)
 
 RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 REPRODUCE_IGNORE = ("*seconds",)  # the training steps' stage timings (StageClock)
@@ -18,14 +26,6 @@ def run(cfg: CompareConfig) -> dict:
 
 def run_as(job: str, cfg: CompareConfig) -> dict:
     """The comparison under a job's name (``iapo quickstart`` is a compare with other defaults)."""
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        JobInputError,
-        build_reward,
-        record_reward,
-        resolve_model_source,
-        reward_spec,
-    )
     from iapo_jax.evaluation.comparison import run_comparison
     from iapo_jax.evaluation.reused_pools import check_pools_from
 

@@ -34,6 +34,42 @@ class MeshFlags:
     """Mesh 'tensor' axis size (heads and MLP width sharded over it)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadTrainingFlags(MeshFlags):
+    """What trains and how, for the jobs that train a scalar-head model (train-rm, train-scorer):
+    alignment.head_trainer.HeadTrainConfig's settings as flags, plus the mesh."""
+
+    mode: Literal["full", "lora", "head"] = "head"
+    """What trains: every weight, LoRA factors + head, or the head on a frozen backbone."""
+    lora_rank: int = 8
+    """LoRA rank (mode lora)."""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (mode lora)."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Training examples per step."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (linear warmup, then cosine decay to a tenth)."""
+    warmup_steps: int = 10
+    """Warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    eval_every: int = 50
+    """Log the held-out metric every this many steps (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    seed: int = 0
+    """Seed of sampling, initialisation and batch order."""
+
+    def head_train_settings(self) -> dict[str, Any]:
+        """The keyword arguments of HeadTrainConfig these flags set (eval_every is the job's)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(HeadTrainingFlags)
+                if f.name not in ("eval_every", "data", "fsdp", "tensor")}
+
+
 def recorded_config(module: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
     """A run record's config, with the values that keys added since imply for records written
     before them (the job module's ``RECORD_DEFAULTS``): an old run resumes and reproduces with the

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from iapo_jax.commands.common import job_context
+
 
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
@@ -44,7 +46,6 @@ def run(cfg: EnvConfig) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from iapo_jax.commands.common import job_context
     from iapo_jax.parallel.mesh import make_mesh, replicated, shard_batch
     from iapo_jax.runtime.progress import print_table
 

@@ -28,8 +28,23 @@ from typing import Literal
 
 import numpy as np
 
-from iapo_jax.commands.job_inputs import JobInputError
 from iapo_jax.errors import IapoError
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    check_same_vocabulary,
+    check_sampling,
+    load_model_and_tokenizer,
+    parse_key_values,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+    same_reward,
+    spec_meta,
+)
+from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl, write_text
+from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
 
 TABLE_FILE = "win_rates.md"
 JSON_FILE = "win_rates.json"
@@ -103,7 +118,6 @@ def pool_directory(path: Path) -> Path:
 
 def reward_of(cfg: EvalConfig, meta: dict):
     """The reward spec: the pool's, or the config's when given (then it must be the pool's)."""
-    from iapo_jax.commands.job_inputs import parse_key_values, reward_spec, same_reward
 
     if meta.get("reward") is None and cfg.reward is None:
         raise JobInputError("the pool does not name its reward; pass --reward NAME")
@@ -123,7 +137,6 @@ def reward_of(cfg: EvalConfig, meta: dict):
 
 def settings(cfg: EvalConfig, meta: dict) -> dict:
     """Sampling settings and reward: the config's where given, else the pool's."""
-    from iapo_jax.commands.job_inputs import spec_meta
 
     def pick(name, default):
         value = getattr(cfg, name)
@@ -149,8 +162,6 @@ def check_subset_sizes(cfg: EvalConfig, pool_size: int) -> None:
 
 
 def check_config(cfg: EvalConfig) -> None:
-    from iapo_jax.commands.job_inputs import check_sampling
-
     check_sampling(cfg)
     if not cfg.procedures:
         raise JobInputError("--procedures is empty; choose from sampling, bon, won")
@@ -206,8 +217,6 @@ def markdown_table(rows, *, title: str, notes: list[str], confidence: float) -> 
 
 
 def _resolve_reference(cfg: EvalConfig, meta: dict) -> str:
-    from iapo_jax.commands.job_inputs import resolve_model_source
-
     ref_source = cfg.reference or meta.get("model")
     if ref_source is None:
         raise JobInputError("the pool does not name its model; pass --reference MODEL")
@@ -227,16 +236,6 @@ def _same_source(a: str, b: str) -> bool:
 def run(cfg: EvalConfig) -> dict:
     import jax
 
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        build_reward,
-        check_same_vocabulary,
-        load_model_and_tokenizer,
-        record_reward,
-        resolve_model_source,
-    )
-    from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl, write_text
-    from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
     from iapo_jax.decoding.engine import decode_texts, sample
     from iapo_jax.evaluation.kl import sample_kl
     from iapo_jax.evaluation.paired import paired_rows, paired_table

@@ -23,7 +23,19 @@ from typing import Literal
 
 import numpy as np
 
-from iapo_jax.commands.job_inputs import JobInputError
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    check_sampling,
+    load_model_and_tokenizer,
+    load_prompts,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+)
+from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
+from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
 
 MODES = ("plain", "bon", "won", "soft-bon", "pruned-bon", "blockwise", "token-cd")
 REPRODUCE_IGNORE = ("*per_s",)
@@ -94,7 +106,6 @@ class GenerateConfig:
 
 def check_config(cfg: GenerateConfig) -> None:
     """Reject what cannot work before loading anything."""
-    from iapo_jax.commands.job_inputs import check_sampling, reward_spec
     from iapo_jax.rewards.spec import RewardSpecError, check_on_tokens
 
     check_sampling(cfg)
@@ -194,17 +205,6 @@ def _batch_sampler(cfg: GenerateConfig, model, tokenizer, reward, scorer, key, m
 
 
 def run(cfg: GenerateConfig) -> dict:
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        build_reward,
-        load_model_and_tokenizer,
-        load_prompts,
-        record_reward,
-        resolve_model_source,
-        reward_spec,
-    )
-    from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
-    from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
     from iapo_jax.decoding.kl_bounds import best_of_k_kl_bound
     from iapo_jax.decoding.engine import decode_texts
 

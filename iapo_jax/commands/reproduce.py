@@ -22,6 +22,8 @@ from typing import Any
 import tyro
 
 from iapo_jax.errors import IapoError
+from iapo_jax.commands.common import run_job
+from iapo_jax.commands.configs import ConfigError, config_from_mapping, recorded_config
 
 MANAGES_RUN_DIR = True  # the CLI passes --run-dir to run() instead of opening a JobContext
 
@@ -196,8 +198,6 @@ def _code_notes(old: dict, new: dict) -> list[str]:
 def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
     """Rerun ``cfg.source`` into ``run_dir`` (default: a new folder under runs/) and compare."""
     from iapo_jax.commands import UnknownJobError, load_job
-    from iapo_jax.commands.common import run_job
-    from iapo_jax.commands.configs import ConfigError, config_from_mapping, recorded_config
     from iapo_jax.runtime.environment import machine_signature
     from iapo_jax.runtime.manifest import load_record
     from iapo_jax.runtime.metrics import read_metrics

@@ -30,6 +30,8 @@ from iapo_jax.alignment.ctrl_config import (
     CTRLConfig,
     check_reward_floor_nats,
 )
+from iapo_jax.commands.common import current_context
+from iapo_jax.commands.job_inputs import JobInputError
 
 REPRODUCE_IGNORE = ("*seconds",)
 TRANSFORMS = ("identity", "exp", "negexp", "log", "raw")
@@ -120,13 +122,10 @@ class TestbedConfig:
 
 
 def run(cfg: TestbedConfig) -> dict:
-    from iapo_jax.commands.job_inputs import JobInputError
-
     try:
         cfg.validate()  # every check before any compute
     except ValueError as err:
         raise JobInputError(str(err)) from None
-    from iapo_jax.commands.common import current_context
     from iapo_jax.runtime.progress import progress
     from iapo_jax.testbed import report
     from iapo_jax.testbed.exact import response_log_probs

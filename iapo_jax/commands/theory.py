@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 from iapo_jax.theory.settings import check_setting
+from iapo_jax.commands.common import current_context
+from iapo_jax.commands.job_inputs import check_output_file
+from iapo_jax.commands.job_outputs import write_text
 
 DEFAULT_TRANSFORM = {"sampling": "identity", "bon": "exp", "won": "negexp", "soft_bon": "exp"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -63,7 +66,6 @@ def resolved(cfg: TheoryConfig) -> tuple[str, int, str]:
     check_setting(cfg.procedure, n, transform, kl=cfg.kl, beta=cfg.beta, t=cfg.t, lam=cfg.lam)
     if cfg.plot is not None and Path(cfg.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise ValueError(f"--plot {cfg.plot}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
-    from iapo_jax.commands.job_inputs import check_output_file
 
     check_output_file(cfg.plot, "--plot")
     return cfg.procedure, n, transform
@@ -76,7 +78,6 @@ def _curve_kls(kl: float) -> list[float]:
 
 def run(cfg: TheoryConfig) -> dict:
     procedure, n, transform = resolved(cfg)  # every check before any compute
-    from iapo_jax.commands.common import current_context
     from iapo_jax.theory.analysis import analyse, analyse_density
     from iapo_jax.theory.curves import markdown_table, plot_curves, procedure_name, transform_curves
     from iapo_jax.theory.settings import FITS
@@ -121,7 +122,6 @@ def run(cfg: TheoryConfig) -> dict:
             print(f"\nwin rate vs KL curves: {out['plot']}")
     ctx = current_context()
     if ctx is not None:
-        from iapo_jax.commands.job_outputs import write_text
 
         write_text(ctx.run_dir / RESULT_FILE, json_lib.dumps(out, indent=2) + "\n")
         ctx.fingerprint_output("result", RESULT_FILE)

@@ -23,7 +23,18 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from iapo_jax.commands.configs import MeshFlags
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.configs import HeadTrainingFlags
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    check_mesh_batch,
+    check_sampling,
+    load_model_and_tokenizer,
+    load_prompts,
+    make_reward,
+    parse_key_values,
+    resolve_model_source,
+)
 
 TRAIN_PAIRS, EVAL_PAIRS = "pairs_train.jsonl", "pairs_eval.jsonl"
 TRAIN_EVAL_PAIRS = 1024  # training pairs scored at the end to report the fit
@@ -35,7 +46,7 @@ RESUME_SAFE: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainRMConfig(MeshFlags):
+class TrainRMConfig(HeadTrainingFlags):
     """Train a Bradley-Terry reward model (on the base model's backbone) on preference pairs."""
 
     model: str = "smollm2-135m-instruct"
@@ -83,27 +94,11 @@ class TrainRMConfig(MeshFlags):
     """Use at most this many training pairs (0: all); held-out pairs at most a quarter of that."""
     max_length: int = 128
     """Tokens per (prompt, response) sequence; longer ones lose the start of the prompt."""
-    mode: Literal["full", "lora", "head"] = "head"
-    """What trains: every weight, LoRA factors + head, or the head on a frozen backbone."""
     pooling: Literal["last", "mean"] = "last"
     """How the head reads a sequence: the end-of-turn token's state, or the mean of every token's
     (suits rewards that add up over words, such as a sentiment lexicon)."""
-    lora_rank: int = 8
-    """LoRA rank (mode lora)."""
-    lora_alpha: float = 16.0
-    """LoRA scale alpha (mode lora)."""
-    steps: int = 200
-    """Optimizer steps."""
     batch_size: int = 16
     """Pairs per step."""
-    learning_rate: float = 1e-3
-    """Peak learning rate (linear warmup, then cosine decay to a tenth)."""
-    warmup_steps: int = 10
-    """Warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
     margin: float = 0.0
     """Constant margin m in -log sigmoid(r_chosen - r_rejected - m)."""
     margin_from_gap: float = 0.0
@@ -112,15 +107,9 @@ class TrainRMConfig(MeshFlags):
     """Weight of the centering penalty mean((r_chosen + r_rejected)^2)."""
     eval_every: int = 50
     """Log held-out accuracy every this many steps (0: only at the end)."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0: only at the end)."""
-    seed: int = 0
-    """Seed of sampling, LoRA initialisation and batch order."""
 
 
 def check_config(cfg: TrainRMConfig) -> None:
-    from iapo_jax.commands.job_inputs import JobInputError, check_mesh_batch, check_sampling
-
     check_sampling(cfg)
     check_mesh_batch(cfg, cfg.batch_size)
     if cfg.pairs == "sampled" and cfg.samples_per_prompt < 2:
@@ -151,17 +140,13 @@ def check_config(cfg: TrainRMConfig) -> None:
 def train_config(cfg: TrainRMConfig):
     from iapo_jax.alignment.reward_model_training import RewardTrainConfig
 
-    return RewardTrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, margin=cfg.margin, margin_from_gap=cfg.margin_from_gap,
-        center_coef=cfg.center_coef, mode=cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, save_every=cfg.save_every, seed=cfg.seed)
+    return RewardTrainConfig(**cfg.head_train_settings(), margin=cfg.margin, margin_from_gap=cfg.margin_from_gap,
+                             center_coef=cfg.center_coef)
 
 
 def _sampled_pairs(cfg: TrainRMConfig, ctx, model, tokenizer):
     import jax
 
-    from iapo_jax.commands.job_inputs import load_prompts, make_reward, parse_key_values
     from iapo_jax.rewards.preference_pairs import sample_pairs
 
     scorer = make_reward(cfg.scorer, parse_key_values(cfg.scorer_options, "--scorer-options"))
@@ -203,13 +188,6 @@ def _hh_rlhf_pairs(cfg: TrainRMConfig):
 def run(cfg: TrainRMConfig) -> dict:
     import numpy as np
 
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        JobInputError,
-        load_model_and_tokenizer,
-        parse_key_values,
-        resolve_model_source,
-    )
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
     from iapo_jax.rewards.preference_pairs import load_pairs, save_pairs

@@ -21,7 +21,19 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from iapo_jax.commands.configs import MeshFlags
+from iapo_jax.commands.common import job_context
+from iapo_jax.commands.configs import HeadTrainingFlags
+from iapo_jax.commands.job_inputs import (
+    JobInputError,
+    build_reward,
+    check_mesh_batch,
+    check_sampling,
+    load_model_and_tokenizer,
+    load_prompts,
+    record_reward,
+    resolve_model_source,
+    reward_spec,
+)
 
 RESUMABLE = True
 # Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
@@ -33,7 +45,7 @@ REPRODUCE_IGNORE = ("*per_s", "*seconds")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainScorerConfig(MeshFlags):
+class TrainScorerConfig(HeadTrainingFlags):
     """Train a CD-FUDGE / CD-Q prefix scorer on pi_ref rollouts and evaluate blockwise CD with it."""
 
     model: str = "smollm2-135m-instruct"
@@ -72,28 +84,12 @@ class TrainScorerConfig(MeshFlags):
     CD-Q may use off-policy data, CD-FUDGE expects pi_ref's own samples."""
     eval_rollouts_file: Path | None = None
     """Held-out rollouts (.npz) instead of sampling them."""
-    mode: Literal["full", "lora", "head"] = "head"
-    """What trains: every weight, LoRA factors + head, or the head on a frozen backbone."""
-    lora_rank: int = 8
-    """LoRA rank (mode lora)."""
-    lora_alpha: float = 16.0
-    """LoRA scale alpha (mode lora)."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 16
     """Rollouts per step."""
-    learning_rate: float = 1e-3
-    """Peak learning rate (linear warmup, then cosine decay to a tenth)."""
-    warmup_steps: int = 10
-    """Warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
     eval_every: int = 100
     """Log held-out MSE every this many steps (0: only at the end)."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0: only at the end)."""
     bucket_edges: tuple[int, ...] = (0, 1, 4, 8, 16, 32, 64)
     """Prefix-length buckets [a, b) of the MSE report."""
     win_rate: bool = True
@@ -113,8 +109,6 @@ class TrainScorerConfig(MeshFlags):
 
 
 def check_config(cfg: TrainScorerConfig) -> None:
-    from iapo_jax.commands.job_inputs import JobInputError, check_mesh_batch, check_sampling
-
     check_sampling(cfg)
     check_mesh_batch(cfg, cfg.batch_size)
     for name in ("num_prompts", "samples_per_prompt", "eval_prompts", "eval_samples", "cd_k",
@@ -142,11 +136,7 @@ def check_config(cfg: TrainScorerConfig) -> None:
 def train_config(cfg: TrainScorerConfig):
     from iapo_jax.alignment.prefix_scorer import ScorerTrainConfig
 
-    return ScorerTrainConfig(
-        method=cfg.method, top_k=cfg.top_k or None, steps=cfg.steps, batch_size=cfg.batch_size,
-        mode=cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, save_every=cfg.save_every, seed=cfg.seed)
+    return ScorerTrainConfig(**cfg.head_train_settings(), method=cfg.method, top_k=cfg.top_k or None)
 
 
 def _bucket_metrics(prefix: str, report: dict) -> dict:
@@ -166,15 +156,6 @@ def run(cfg: TrainScorerConfig) -> dict:
         save_rollouts,
     )
     from iapo_jax.alignment.prefix_scorer import PrefixScorerTrainer
-    from iapo_jax.commands.common import job_context
-    from iapo_jax.commands.job_inputs import (
-        build_reward,
-        load_model_and_tokenizer,
-        load_prompts,
-        record_reward,
-        resolve_model_source,
-        reward_spec,
-    )
     from iapo_jax.evaluation.blockwise_win_rate import blockwise_win_rate
     from iapo_jax.parallel.distributed import is_main_process
     from iapo_jax.rewards.head_checkpoints import build_head_model, write_spec
