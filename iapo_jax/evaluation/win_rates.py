@@ -13,7 +13,7 @@ one half. Two estimators of W_r(T(pi) > T(pi_ref) | x):
 - "plugin": T applied to each side's empirical distribution, i.e. N draws WITH replacement. It is
   biased towards 1/2 (a repeated draw adds no information); the size depends on the distributions:
   with 8 samples per side, best-of-4 of a Bernoulli(0.2) reward against a constant loses 3.7
-  points, worst-of-4 of density 2u against Uniform(0, 1) 2.5 points (tests/test_win_rates.py).
+  points, worst-of-4 of density 2u against Uniform(0, 1) 2.5 points (tests/evaluation/test_win_rates.py).
   Kept for comparison with older results.
 
 For N = 1 both coincide. Intervals come from a bootstrap over prompts, the unit of independence.

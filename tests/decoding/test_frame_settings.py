@@ -16,13 +16,6 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 SINES = PrefixFn(lambda ids, mask: jnp.sum(jnp.where(mask, jnp.sin(ids * 1.618 + 0.3), 0.0), -1), "sines")
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
 @pytest.mark.parametrize("mode", ["sample", "best_of_n", "blockwise", "token_cd"])
 def test_configs_and_keywords_give_the_same_responses(llama, mode):
     keywords = dict(max_new_tokens=6, temperature=0.7, key=3)

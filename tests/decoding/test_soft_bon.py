@@ -245,13 +245,6 @@ def test_estimator_refuses_a_bad_lam(lam):
 DECODE_PROMPTS = [[5 + i % 7, 6 + i % 5, 7, 8 + i % 3] for i in range(16)]
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
 @functools.lru_cache(maxsize=1)
 def _sines():
     """One scorer object for every call: a new one would be a new static argument (a compile)."""

@@ -160,7 +160,7 @@ def test_pools_from_reuses_an_earlier_runs_pools_so_added_methods_pair_with_it(t
     assert f"the pools of {first}" in added.stderr and "reference samples x" not in added.stderr
     data = [json.loads((run / "manifest.json").read_text())["data"] for run in (first, second)]
     assert data[0]["pool_train"] == data[1]["pool_train"] and data[0]["pool_eval"] == data[1]["pool_eval"]
-    script = str(Path(__file__).parents[1] / "experiments/ctrl/join_runs.py")
+    script = str(Path(__file__).parents[2] / "experiments/ctrl/join_runs.py")
     joined = subprocess.run([sys.executable, script, str(first), str(second), "--out", str(tmp_path / "joined")],
                             capture_output=True, text=True, timeout=600)
     assert joined.returncode == 0, joined.stderr[-3000:]

@@ -128,7 +128,7 @@ def _fake_run(path, methods, rows, **overrides):
     return path
 
 
-JOIN = str(Path(__file__).parents[1] / "experiments/ctrl/join_runs.py")
+JOIN = str(Path(__file__).parents[2] / "experiments/ctrl/join_runs.py")
 
 
 def test_join_runs_joins_sweeps_that_differ_only_in_methods(tmp_path):

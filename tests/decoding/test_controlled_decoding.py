@@ -34,13 +34,6 @@ SINES = PrefixFn(_sines, "sines")
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
 def value_model(llama):
     from iapo_jax.models.heads import ValueModel
 

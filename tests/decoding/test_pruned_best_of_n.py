@@ -33,13 +33,6 @@ def _np_score(fn, prompt, tokens):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
 def full(llama):
     return best_of_n(llama, PROMPTS, REWARD, n=N, max_new_tokens=R, key=4)
 

@@ -17,13 +17,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 2
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
 def hf_llama(tiny_llama_dir):
     from transformers import LlamaForCausalLM
 

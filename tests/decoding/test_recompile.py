@@ -2,7 +2,6 @@
 changing them must not compile anything new. Counted with each jitted function's `_cache_size()`."""
 
 import jax.numpy as jnp
-import pytest
 
 from iapo_jax.decoding import best_of_n as bon_mod
 from iapo_jax.decoding import blockwise as bw_mod
@@ -13,13 +12,6 @@ from iapo_jax.decoding.scorers import PrefixFn
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 SCORE = PrefixFn(lambda ids, mask: jnp.sum(jnp.where(mask, jnp.cos(ids * 0.37), 0.0), -1), "cos")
 OTHER = PrefixFn(lambda ids, mask: jnp.sum(mask, -1).astype(jnp.float32), "length")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
 
 
 def _sizes(*fns):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tpu_scripts" / "tpu.py"
 sys.path.insert(0, str(REPO / "tpu_scripts"))
 

@@ -31,13 +31,6 @@ def _rescore(prompts, tokens, lengths):
     return np.asarray(out)
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from iapo_jax import load_model
-
-    return load_model(tiny_llama_dir)
-
-
 class CharTokenizer:
     """Just enough tokenizer for Python scorers: one letter per token id."""
 

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "experiments" / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 import build_notebooks  # found through sys.path above

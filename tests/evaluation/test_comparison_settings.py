@@ -8,7 +8,7 @@ import pytest
 from iapo_jax.commands.configs import config_from_mapping, load_yaml
 from iapo_jax.evaluation.comparison import METHODS, CompareConfig
 
-CONFIGS = sorted((Path(__file__).parents[1] / "experiments" / "ctrl").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "ctrl").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("steps,warmup", [(1, 1), (6, 1), (10, 1), (16, 2), (40, 4), (100, 10)])
