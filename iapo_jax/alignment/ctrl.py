@@ -36,7 +36,7 @@ from iapo_jax.decoding.inputs import prepare
 from iapo_jax.models import lora
 from iapo_jax.parallel.sharded_step import check_batch_divides, data_parallel_size
 from iapo_jax.rewards.calibration import ReferencePool
-from iapo_jax.rewards.transforms import TRANSFORMS, get_transform, optimal_table
+from iapo_jax.rewards.transforms import get_transform, optimal_table, transform_top, unit_range_transform
 from iapo_jax.runtime.stage_clock import StageClock
 
 
@@ -70,33 +70,6 @@ def resolve_table(cfg: CTRLConfig):
         return None
     target = next(k for k in (cfg.optimal_kl, cfg.target_kl, 1.0) if k is not None)
     return optimal_table(cfg.procedure, cfg.deploy_n, kl=float(target), lam=cfg.lam)
-
-
-def unit_range_transform(name: str, t: float | None, eps: float | None = None, table=None):
-    """Phi for the trainer: exp / negexp rescaled affinely onto [0, 1].
-
-    a * Phi + b with a > 0 has the same tilted optimum as Phi at beta * a, so this changes only the
-    units of beta: rewards stay O(1) for any t (exp(t u) itself overflows float32 beyond t = 88 and
-    needs beta ~ e^t), and one beta / KL controller works across transforms.
-      exp:     (e^{t(u-1)} - e^{-t}) / (1 - e^{-t})  = (e^{tu} - 1) / (e^t - 1)
-      negexp:  (1 - e^{-tu}) / (1 - e^{-t})
-    Other transforms are returned unchanged (optimal is on [0, 1] already); log / logit clip u to
-    [eps, 1 - eps], with eps = 1/(2m)
-    for an m-sample pool (the smallest non-zero mid-rank), as `CTRLTrainer` passes it.
-    """
-    if name == "exp":
-        return lambda u: (jnp.exp(t * (jnp.asarray(u, jnp.float32) - 1.0)) - jnp.exp(-t)) / -jnp.expm1(-t)
-    if name == "negexp":
-        return lambda u: -jnp.expm1(-t * jnp.asarray(u, jnp.float32)) / -jnp.expm1(-t)
-    return get_transform(name, t, eps if TRANSFORMS[name].clips else None, table=table)
-
-
-def transform_top(phi, eps: float | None = None) -> float:
-    """max Phi(u) over u in [0, 1] (on a fine grid, as 'optimal' need not be monotone): the level
-    the reward floor is measured from."""
-    lo = 0.0 if eps is None else eps
-    u = jnp.linspace(lo, 1.0 - lo, 4097, dtype=jnp.float32)
-    return float(jnp.max(phi(u)))
 
 
 def reward_floor(top: float | None, beta: float, nats: float | None) -> float | None:

@@ -8,10 +8,10 @@ import math
 from iapo_jax.alignment import losses
 from iapo_jax.alignment.kl_control import DEFAULT_GAINS, KLControlSettings
 from iapo_jax.alignment.optimizer import SCHEDULES, OptimizerConfig
+from iapo_jax.theory.settings import PROCEDURES, TRANSFORMS
 
 # 'raw' is RLHF on the uncalibrated reward; the rest transform the calibrated reward.
-REWARD_TRANSFORMS = ("raw", "identity", "log", "logit", "exp", "negexp", "optimal")
-PROCEDURES = ("sampling", "bon", "won", "soft_bon")
+REWARD_TRANSFORMS = ("raw",) + TRANSFORMS
 # 15 nats: floored responses keep under 3e-7 of the top's weight in the optimum, which moves its
 # KL and win rates by less than 1e-4 on the exact testbed, and -exp at KL 1 converges.
 DEFAULT_REWARD_FLOOR_NATS = 15.0

@@ -12,48 +12,36 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-KL_ESTIMATORS: dict[str, Callable] = {}
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+from iapo_jax.runtime.registry import Registry
 
-
-def _register(table: dict, name: str):
-    def wrap(fn):
-        table[name] = fn
-        return fn
-
-    return wrap
+KL_ESTIMATORS: Registry[Callable] = Registry("KL estimator")
+ADVANTAGE_ESTIMATORS: Registry[Callable] = Registry("advantage estimator")
 
 
 def get_kl_estimator(name: str) -> Callable:
-    if name not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {name!r}; choose one of {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[name]
+    return KL_ESTIMATORS.get(name)
 
 
 def get_advantage_estimator(name: str) -> Callable:
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
-        )
-    return ADVANTAGE_ESTIMATORS[name]
+    return ADVANTAGE_ESTIMATORS.get(name)
 
 
 # --- KL estimators (Schulman's k1/k2/k3), per token, for y ~ pi: log r = log pi - log pi_ref ---
 
 
-@_register(KL_ESTIMATORS, "k1")
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """Unbiased, high variance, can be negative per sample."""
     return logp - ref_logp
 
 
-@_register(KL_ESTIMATORS, "k2")
+@KL_ESTIMATORS.register("k2")
 def kl_k2(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """Biased, low variance; its gradient is the KL gradient for on-policy samples."""
     return 0.5 * jnp.square(logp - ref_logp)
 
 
-@_register(KL_ESTIMATORS, "k3")
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """Unbiased and non-negative: exp(-d) - 1 + d with d = log pi - log pi_ref."""
     d = logp - ref_logp
@@ -69,7 +57,7 @@ def sequence_kl(logp, ref_logp, mask, estimator: str = "k1") -> jax.Array:
 # --- Advantage estimators on [P, n] sequence rewards ---
 
 
-@_register(ADVANTAGE_ESTIMATORS, "rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo_advantages(rewards: jax.Array) -> jax.Array:
     """REINFORCE leave-one-out: each sample's baseline is the mean of the other n-1 samples."""
     n = rewards.shape[-1]
@@ -80,7 +68,7 @@ def rloo_advantages(rewards: jax.Array) -> jax.Array:
     return rewards - baseline
 
 
-@_register(ADVANTAGE_ESTIMATORS, "grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo")
 def group_normalised_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Group mean/std normalisation (GRPO-style); an alternative to RLOO."""
     mean = jnp.mean(rewards, axis=-1, keepdims=True)
@@ -88,7 +76,7 @@ def group_normalised_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Ar
     return (rewards - mean) / (std + eps)
 
 
-@_register(ADVANTAGE_ESTIMATORS, "reinforce")
+@ADVANTAGE_ESTIMATORS.register("reinforce")
 def plain_advantages(rewards: jax.Array) -> jax.Array:
     """No baseline (for tests and ablations)."""
     return rewards

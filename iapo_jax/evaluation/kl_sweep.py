@@ -45,19 +45,13 @@ def trainer_beta(procedure: str, n: int, transform: str, kl: float) -> tuple[flo
     get the identity's beta (both are rewards of order one). The optimal transform is the optimum
     solved at `kl` itself, log f* rescaled onto [0, 1], so its beta is 1 / (max - min of log f*).
     """
+    from iapo_jax.rewards.transforms import optimal_table, unit_range_scale
     from iapo_jax.theory.analysis import analyse
 
     if transform == "optimal":  # the optimum solved at this KL, rescaled onto [0, 1] by its range
-        from iapo_jax.rewards.transforms import optimal_table
-
         return 1.0 / optimal_table(procedure, n, kl=kl).log_f_range, None
     result = analyse(procedure, n, "identity" if transform == "raw" else transform, kl=kl)
-    log_beta = result.log_beta
-    if transform == "exp":
-        log_beta -= math.log(math.expm1(result.t))
-    elif transform == "negexp":
-        log_beta -= math.log(-math.expm1(-result.t))
-    return math.exp(log_beta), result.t
+    return math.exp(result.log_beta - math.log(unit_range_scale(transform, result.t))), result.t
 
 
 def sweep_points(cfg) -> list[SweepPoint]:

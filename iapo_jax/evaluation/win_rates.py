@@ -46,7 +46,8 @@ import math
 
 import numpy as np
 
-PROCEDURES = ("sampling", "bon", "won", "soft_bon")
+from iapo_jax.theory.settings import PROCEDURES
+
 _Z_EDGES = np.linspace(-5.0, 40.0, 46)  # unit panels of 16 Gauss-Legendre nodes
 _ZX, _ZW = np.polynomial.legendre.leggauss(16)
 _Z = (_Z_EDGES[:-1, None] + 0.5 * (1.0 + _ZX[None, :])).ravel()

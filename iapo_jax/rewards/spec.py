@@ -214,8 +214,7 @@ def _factory_options(name: str) -> set[str] | None:
     """Keyword options a registered reward's factory takes (None: any, it has **kwargs)."""
     from iapo_jax.rewards import registry
 
-    registry._load_builtins()
-    factory = registry._FACTORIES[name]
+    factory = registry.REWARDS.get(name)
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):

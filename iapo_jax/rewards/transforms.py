@@ -11,6 +11,9 @@
 
 All are pure jnp functions ``fn(u, t, eps)`` (t and eps may be traced), collected in ``TRANSFORMS``;
 'optimal' also takes its table. ``get_transform`` validates parameters eagerly and binds them.
+The names are the analytic tool's (``theory.settings.TRANSFORMS``). ``unit_range_transform`` is
+the trainer's form: exp and negexp rescaled onto [0, 1], which only changes the units of beta
+(``unit_range_scale``).
 
 eps: an empirical calibration C_hat takes values k/(2m) and can be exactly 0 or 1, where log and
 logit are infinite. They clip u to [eps, 1 - eps]. The natural choice is eps = 1/(2m), half the
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from iapo_jax.rewards.calibration import calibrate_sorted
+from iapo_jax.runtime.registry import Registry
+from iapo_jax.theory.settings import PROCEDURES, TRANSFORMS as TRANSFORM_NAMES
 
 DEFAULT_EPS = 1.0 / (2 * 100)
 
@@ -71,8 +76,8 @@ class OptimalTable(NamedTuple):
     win_rate: float  # the optimum's inference-time win rate
 
 
-# Procedures the analytic tool solves the optimum for (sampling: the identity tilt).
-OPTIMAL_PROCEDURES = ("sampling", "bon", "won", "soft_bon")
+# Procedures the analytic tool solves the optimum for (sampling: the identity tilt): all of them.
+OPTIMAL_PROCEDURES = PROCEDURES
 TABLE_POINTS = 4097  # spacing 1/4096, finer than any pool's mid-rank resolution 1/(2m) for m <= 2048
 
 
@@ -125,27 +130,24 @@ class TransformSpec(NamedTuple):
     needs_table: bool = False  # 'optimal': an OptimalTable
 
 
-TRANSFORMS: dict[str, TransformSpec] = {
-    "identity": TransformSpec(identity_transform, needs_t=False, clips=False),
-    "log": TransformSpec(log_transform, needs_t=False, clips=True),
-    "logit": TransformSpec(logit_transform, needs_t=False, clips=True),
-    "exp": TransformSpec(exp_transform, needs_t=True, clips=False),
-    "negexp": TransformSpec(negexp_transform, needs_t=True, clips=False),
-    "optimal": TransformSpec(optimal_transform, needs_t=False, clips=False, needs_table=True),
-}
+TRANSFORMS: Registry[TransformSpec] = Registry("transform")
+TRANSFORMS.register("identity", TransformSpec(identity_transform, needs_t=False, clips=False))
+TRANSFORMS.register("log", TransformSpec(log_transform, needs_t=False, clips=True))
+TRANSFORMS.register("logit", TransformSpec(logit_transform, needs_t=False, clips=True))
+TRANSFORMS.register("exp", TransformSpec(exp_transform, needs_t=True, clips=False))
+TRANSFORMS.register("negexp", TransformSpec(negexp_transform, needs_t=True, clips=False))
+TRANSFORMS.register("optimal", TransformSpec(optimal_transform, needs_t=False, clips=False, needs_table=True))
+
+
+assert tuple(TRANSFORMS) == TRANSFORM_NAMES, "one transform per name the analytic tool knows"
 
 
 def available_transforms() -> list[str]:
-    return sorted(TRANSFORMS)
+    return TRANSFORMS.names()
 
 
 def _spec(name: str) -> TransformSpec:
-    try:
-        return TRANSFORMS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown transform {name!r}; available transforms: {', '.join(available_transforms())}"
-        ) from None
+    return TRANSFORMS.get(name)
 
 
 def _check_params(name: str, spec: TransformSpec, t, eps, table=None) -> None:
@@ -208,3 +210,42 @@ def calibrated_transform(
 
     fn.__name__ = f"calibrated_{name}_transform"
     return fn
+
+
+def unit_range_scale(name: str, t: float | None) -> float:
+    """a > 0 with unit_range_transform(name, t) = a * Phi + b: e^t - 1 shrinks exp(tu) onto [0, 1]
+    by 1 / (e^t - 1), and 1 - e^{-t} shrinks -exp(-tu) by 1 / (1 - e^{-t}); 1 for the others.
+    The tilted optimum pi_ref * exp((a * Phi + b) / beta) is Phi's at beta / a, so a beta in Phi's
+    units (the analytic tool's) is that beta divided by a in the trainer's."""
+    if name == "exp":
+        return math.expm1(t)
+    if name == "negexp":
+        return -math.expm1(-t)
+    return 1.0
+
+
+def unit_range_transform(name: str, t: float | None, eps: float | None = None, table=None) -> Callable:
+    """Phi for the trainer: exp / negexp rescaled affinely onto [0, 1].
+
+    a * Phi + b with a > 0 has the same tilted optimum as Phi at beta * a, so this changes only the
+    units of beta: rewards stay O(1) for any t (exp(t u) itself overflows float32 beyond t = 88 and
+    needs beta ~ e^t), and one beta / KL controller works across transforms.
+      exp:     (e^{t(u-1)} - e^{-t}) / (1 - e^{-t})  = (e^{tu} - 1) / (e^t - 1)
+      negexp:  (1 - e^{-tu}) / (1 - e^{-t})
+    Other transforms are returned unchanged (optimal is on [0, 1] already); log / logit clip u to
+    [eps, 1 - eps], with eps = 1/(2m) for an m-sample pool (the smallest non-zero mid-rank), as
+    the CTRL trainer passes it.
+    """
+    if name == "exp":
+        return lambda u: (jnp.exp(t * (jnp.asarray(u, jnp.float32) - 1.0)) - jnp.exp(-t)) / -jnp.expm1(-t)
+    if name == "negexp":
+        return lambda u: -jnp.expm1(-t * jnp.asarray(u, jnp.float32)) / -jnp.expm1(-t)
+    return get_transform(name, t, eps if TRANSFORMS.get(name).clips else None, table=table)
+
+
+def transform_top(phi: Callable, eps: float | None = None) -> float:
+    """max Phi(u) over u in [0, 1] (on a fine grid, as 'optimal' need not be monotone): the level
+    the CTRL reward floor is measured from."""
+    lo = 0.0 if eps is None else eps
+    u = jnp.linspace(lo, 1.0 - lo, 4097, dtype=jnp.float32)
+    return float(jnp.max(phi(u)))

@@ -24,11 +24,10 @@ from iapo_jax.alignment.ctrl import (
     reward_floor,
     resolve_t,
     resolve_table,
-    transform_top,
-    unit_range_transform,
 )
 from iapo_jax.alignment.ctrl_config import DEFAULT_REWARD_FLOOR_NATS, CTRLConfig
 from iapo_jax.rewards.pools import sample_reference_pool
+from iapo_jax.rewards.transforms import transform_top, unit_range_transform
 from iapo_jax.testbed import exact
 from iapo_jax.testbed.setting import ExactSetting
 

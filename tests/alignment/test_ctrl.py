@@ -118,7 +118,7 @@ def test_mismatched_vocabularies_are_rejected(setup, tiny_llama_dir):
 def test_unit_range_transform_is_an_increasing_affine_map_of_phi(name, t):
     import jax.numpy as jnp
 
-    from iapo_jax.alignment.ctrl import unit_range_transform
+    from iapo_jax.rewards.transforms import unit_range_transform
     from iapo_jax.rewards.transforms import get_transform
 
     u = jnp.linspace(0.0, 1.0, 11)

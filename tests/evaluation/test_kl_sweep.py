@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iapo_jax.alignment.ctrl import unit_range_transform
 from iapo_jax.evaluation.comparison import CompareConfig
 from iapo_jax.evaluation.kl_sweep import BELOW_FIRST_POINT, curve, matched_kl_table, sweep_points, trainer_beta
-from iapo_jax.rewards.transforms import get_transform
+from iapo_jax.rewards.transforms import get_transform, unit_range_transform
 from iapo_jax.theory.analysis import analyse
 
 
