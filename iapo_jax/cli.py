@@ -66,17 +66,15 @@ RESUME_FLAGS = ("resume", "allow_changes")
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 
 
-def job_option_names(module: Any) -> tuple[str, ...]:
-    """The CommonOptions a job takes: --resume only where it checkpoints, the multi-process flags
-    only where it can run on several processes."""
-    from iapo_jax.commands.resume import is_resumable
-
-    if getattr(module, "RECORDLESS", False):  # reads records, writes none (`iapo runs`)
+def job_option_names(spec: Any) -> tuple[str, ...]:
+    """The CommonOptions a job takes (from its JobSpec): --resume only where it checkpoints, the
+    multi-process flags only where it can run on several processes."""
+    if spec.recordless:  # reads records, writes none (`iapo runs`)
         return ()
     names = [f.name for f in dataclasses.fields(CommonOptions)]
-    if not is_resumable(module):
+    if not spec.resumable:
         names = [n for n in names if n not in RESUME_FLAGS]
-    if getattr(module, "SINGLE_PROCESS", False):
+    if spec.single_process:
         names = [n for n in names if n not in DISTRIBUTED_FLAGS]
     return tuple(names)
 
@@ -100,11 +98,11 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def split_common_options(args: Sequence[str], module: Any = None
+def split_common_options(args: Sequence[str], job: Job | None = None
                          ) -> tuple[CommonOptions, list[str]]:
     """Take the common options out of ``args``; the rest belongs to the job.
 
-    With the job's ``module``, options it does not take are refused with the reason.
+    With the ``job``, options it does not take are refused with the reason.
     """
     parser = _RaisingParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--config", type=Path)
@@ -117,10 +115,10 @@ def split_common_options(args: Sequence[str], module: Any = None
     parser.add_argument("--process-id", type=int)
     known, rest = parser.parse_known_args(list(args))
     common = CommonOptions(**vars(known))
-    if module is not None:
-        allowed = job_option_names(module)
-        job = module.__name__.rsplit(".", 1)[-1].replace("_", "-")
-        if getattr(module, "RECORDLESS", False):
+    if job is not None:
+        allowed = job_option_names(job.spec)
+        spec, job = job.spec, job.name
+        if spec.recordless:
             given = [f.name for f in dataclasses.fields(CommonOptions)
                      if getattr(common, f.name) not in (None, False)]
             if given:
@@ -202,12 +200,10 @@ def _one_line_from_tyro(text: str) -> str:
 
 
 def _description(job: Job) -> str:
-    from iapo_jax.commands.resume import is_resumable
-
     import inspect
 
     text = inspect.cleandoc(job.config_type.__doc__ or job.summary)
-    if is_resumable(job.module):
+    if job.spec.resumable:
         return (f"{text}\n\nPreemption: SIGTERM saves a checkpoint at the next step and exits "
                 f"with status {EXIT_PREEMPTED}; `--run-dir RUN --resume` continues the recorded "
                 f"run exactly.\n{EXIT_CODES}")
@@ -234,7 +230,7 @@ def _parse_job_config(job: Job, args: list[str], common: CommonOptions,
             mapping.update(load_yaml(common.config))
         default = config_from_mapping(cls, mapping, partial=True)
         # Show the job's common options in its help; they were already taken out of ``args``.
-        names = job_option_names(job.module)
+        names = job_option_names(job.spec)
         options = _options_type(names)
         target = dataclasses.make_dataclass(
             "Invocation",
@@ -269,25 +265,25 @@ def _run(name: str, args: list[str]) -> int:
     from iapo_jax.runtime.progress import quiet_progress
 
     job = load_job(name)
-    common, job_args = split_common_options(args, job.module)
+    common, job_args = split_common_options(args, job)
     previous = resuming.load_previous(name, common.run_dir) if common.resume else None
     cfg = _parse_job_config(job, job_args, common,
-                            previous and recorded_config(job.module, previous["config"]))
-    if getattr(job.module, "RECORDLESS", False):
+                            previous and recorded_config(job.spec, previous["config"]))
+    if job.spec.recordless:
         check_options(cfg)
         return int(job.run(cfg) or EXIT_OK)
     extra = {}
     if previous is not None:
-        changes = resuming.check_changes(job.module, name, previous["config"], cfg,
+        changes = resuming.check_changes(job.spec, name, previous["config"], cfg,
                                          allow=common.allow_changes)
         if resuming.nothing_to_do(previous, changes):
-            print(resuming.noop_message(name, common.run_dir, previous, job.module), file=sys.stderr)
+            print(resuming.noop_message(name, common.run_dir, previous, job.spec), file=sys.stderr)
             return EXIT_OK
-        extra = resuming.allowed_changes_extra(job.module, previous, changes)
+        extra = resuming.allowed_changes_extra(job.spec, previous, changes)
     check_options(cfg)  # rates, sizes and dtypes no job can use, before any job code runs
     initialize_distributed(common.coordinator, common.num_processes, common.process_id)
     with quiet_progress(common.quiet):
-        if getattr(job.module, "MANAGES_RUN_DIR", False):
+        if job.spec.manages_run_dir:
             job.run(cfg, run_dir=common.run_dir)
             return EXIT_OK
         ctx = run_job(job, cfg, run_dir=common.run_dir, resume=common.resume,
@@ -301,13 +297,12 @@ def _run(name: str, args: list[str]) -> int:
 
 def _stopped_message(name: str, how: str, run_dir: Any, checkpoints: list[int] | None) -> str:
     """What a stopped run says: where it is and how to continue it."""
-    from iapo_jax.commands import module_name
-    from iapo_jax.commands.resume import is_resumable
+    from iapo_jax.commands import JobSpec, module_name
 
     if run_dir is None:
         return f"iapo {name}: {how}"
-    module = sys.modules.get(module_name(name))
-    if module is not None and is_resumable(module):
+    spec = getattr(sys.modules.get(module_name(name)), "JOB", None)  # loaded if it got this far
+    if isinstance(spec, JobSpec) and spec.resumable:
         saved = (f"checkpoint of step {max(checkpoints)} saved" if checkpoints
                  else "no checkpoint yet")
         return (f"iapo {name}: {how} ({saved}); continue it with "

@@ -38,7 +38,7 @@ def load(run: Path) -> tuple[dict, dict]:
     # Keys added since a run was recorded: the values it ran with (reproduce's rule), else the default.
     defaults = {f.name: f.default for f in dataclasses.fields(CompareConfig) if f.default is not dataclasses.MISSING}
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as JSON records them
-    manifest["config"] = {**defaults, **recorded_config(compare_job, manifest["config"])}
+    manifest["config"] = {**defaults, **recorded_config(compare_job.JOB, manifest["config"])}
     rows = json.loads((run / "results.json").read_text())
     return manifest, rows
 

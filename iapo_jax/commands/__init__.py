@@ -1,12 +1,12 @@
 """The jobs behind ``iapo <job>``: one module per job, found by name and imported on demand.
 
-A job module ``iapo_jax/commands/<name>.py`` (dashes become underscores) exposes a frozen dataclass
-config and ``run(cfg)``; ``run`` may return a dict whose numbers become the run's final metrics.
-The config type is read from ``run``'s annotation (or a module attribute ``CONFIG``). Config
-fields must not be called ``config``, ``run_dir`` or ``resume``: every job gets those as options.
-A module may set ``REPRODUCE_IGNORE = ("*tokens_per_s*", ...)``: metric-name patterns that
-``iapo reproduce`` does not compare (timings and other numbers that vary from run to run).
-Inside ``run``, ``commands.common.current_context()`` gives the run directory, record and metrics.
+A job module ``iapo_jax/commands/<name>.py`` (dashes become underscores) declares itself in one
+place, ``JOB = JobSpec(config=..., run=run, ...)``: its frozen dataclass config, its ``run(cfg)``
+(which may return a dict whose numbers become the run's final metrics), and how the command line
+treats its runs (what ``iapo reproduce`` ignores, whether it resumes and what a resume may change,
+...; see JobSpec). Config fields must not be called ``config``, ``run_dir`` or ``resume``: every job
+gets those as options. Inside ``run``, ``commands.common.current_context()`` gives the run
+directory, record and metrics.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import inspect
-import typing
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from iapo_jax.errors import IapoError
 
@@ -46,11 +44,36 @@ class UnknownJobError(IapoError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """What a job declares about itself (``JOB = JobSpec(...)`` in its module)."""
+
+    config: type  # the frozen dataclass of its options
+    run: Callable[..., Any]  # run(cfg) -> dict of final metrics (or None)
+    reproduce_ignore: tuple[str, ...] = ()  # metric-name patterns `iapo reproduce` does not compare
+    resumable: bool = False  # it checkpoints, so `--resume` continues a recorded run
+    resume_safe: tuple[str, ...] = ()  # settings a resume may change (steps may only grow)
+    narrow_resume_safe: Callable[[dict], tuple[str, ...]] | None = None  # resume_safe as a function
+    # of the recorded config, where it depends on it
+    record_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # what keys added
+    # since imply for records written before them
+    single_process: bool = False  # takes no multi-process flags
+    recordless: bool = False  # reads records and writes none: no --run-dir, --config, --resume
+    manages_run_dir: bool = False  # run(cfg, run_dir=...) opens its own run record
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     name: str
     module: ModuleType
-    config_type: type
-    run: Callable[..., Any]
+    spec: JobSpec
+
+    @property
+    def config_type(self) -> type:
+        return self.spec.config
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        return self.spec.run
 
     @property
     def summary(self) -> str:
@@ -66,29 +89,6 @@ def is_available(job: str) -> bool:
     return job in JOBS and importlib.util.find_spec(module_name(job)) is not None
 
 
-def _config_type(module: ModuleType, run: Callable) -> type:
-    explicit = getattr(module, "CONFIG", None)
-    if explicit is not None:
-        return explicit
-    params = list(inspect.signature(run).parameters)
-    try:
-        hints = typing.get_type_hints(run)
-    except (NameError, TypeError):  # an annotation that does not resolve: use the fallback
-        hints = {}
-    if params and params[0] in hints:
-        return hints[params[0]]
-    candidates = [
-        obj for name, obj in vars(module).items()
-        if isinstance(obj, type) and dataclasses.is_dataclass(obj) and name.endswith("Config")
-        and obj.__module__ == module.__name__
-    ]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise TypeError(
-        f"{module.__name__}: cannot tell the config type; annotate run(cfg: MyConfig) or set CONFIG"
-    )
-
-
 def load_job(name: str) -> Job:
     """Import a job's module and find its config type and run function."""
     if name not in JOBS:
@@ -96,15 +96,14 @@ def load_job(name: str) -> Job:
     if not is_available(name):
         raise UnknownJobError(f"job {name!r} is not available in this version yet; see `iapo --help`")
     module = importlib.import_module(module_name(name))
-    run = getattr(module, "run", None)
-    if not callable(run):
-        raise TypeError(f"{module.__name__} has no run(cfg) function")
-    config_type = _config_type(module, run)
-    if dataclasses.is_dataclass(config_type):
-        clash = [f.name for f in dataclasses.fields(config_type) if f.name in RESERVED_FIELDS]
+    spec = getattr(module, "JOB", None)
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"{module.__name__} declares no JOB = JobSpec(config=..., run=run)")
+    if dataclasses.is_dataclass(spec.config):
+        clash = [f.name for f in dataclasses.fields(spec.config) if f.name in RESERVED_FIELDS]
         if clash:
-            raise TypeError(f"{config_type.__name__} must not define {clash}: every job has them")
-    return Job(name, module, config_type, run)
+            raise TypeError(f"{spec.config.__name__} must not define {clash}: every job has them")
+    return Job(name, module, spec)
 
 
 def available_jobs() -> list[str]:

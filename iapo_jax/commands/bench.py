@@ -26,10 +26,9 @@ from typing import Literal
 
 import tyro
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.job_inputs import check_output_file
 
-REPRODUCE_IGNORE = ("*",)  # every number here is a timing
-SINGLE_PROCESS = True  # timings of one process against transformers; no multi-process flags
 
 # PyTorch's OpenMP threads spin while waiting by default; on a CPU shared with other processes that
 # made transformers' generate up to ~25x slower in our measurements. Passive waiting is the fair
@@ -224,3 +223,7 @@ def check_train_inputs(cfg: BenchConfig) -> None:
         raise ValueError(f"unknown --train-reward {cfg.train_reward!r}; choose from {available_rewards()}")
     if cfg.pool_size < 2:
         raise ValueError(f"--pool-size must be at least 2 (calibration ranks against it), got {cfg.pool_size}")
+
+
+# Every number is a timing, of one process against transformers: no multi-process flags.
+JOB = JobSpec(config=BenchConfig, run=run, reproduce_ignore=("*",), single_process=True)

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
+from iapo_jax.commands.configs import PromptFlags
 from iapo_jax.commands.job_inputs import (
     JobInputError,
     build_reward,
     check_distinct,
     check_sampling,
     load_model_and_tokenizer,
-    load_prompts,
+    load_job_prompts,
     record_reward,
     resolve_model_source,
     reward_spec,
@@ -39,11 +40,10 @@ from iapo_jax.commands.job_outputs import digest_number, tie_fraction
 from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
 
 POOL_DIR = "pool"
-REPRODUCE_IGNORE = ("*per_s",)
 
 
 @dataclasses.dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(PromptFlags):
     """Sample m reference responses per prompt, score them and save the reference pool."""
 
     model: str = "smollm2-135m-instruct"
@@ -51,16 +51,6 @@ class CalibrateConfig:
     'smollm2-135m-instruct'."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute and storage dtype of the weights."""
-    prompts_file: Path | None = None
-    """Prompts, one per line (or .jsonl with {"prompt": ...}); default: packaged chat questions."""
-    prompt_split: Literal["train", "eval", "all"] = "train"
-    """Split of the packaged chat questions (when no --prompts-file)."""
-    prompt_categories: tuple[str, ...] = ()
-    """Restrict the packaged chat questions to these categories."""
-    num_prompts: int | None = None
-    """How many prompts (default: all of the file, or 16 chat questions)."""
-    prompt_seed: int = 0
-    """Shuffle seed of the packaged chat questions."""
     samples: int = 16
     """m, reference samples per prompt (calibration resolution is 1/m; around 100 is typical)."""
     reward: str = "vader"
@@ -115,9 +105,7 @@ def run(cfg: CalibrateConfig) -> dict:
     check_config(cfg)
     with job_context("calibrate", cfg) as ctx:
         source = resolve_model_source(cfg.model)
-        prompts = load_prompts(cfg.prompts_file, split=cfg.prompt_split,
-                               categories=cfg.prompt_categories, num_prompts=cfg.num_prompts,
-                               seed=cfg.prompt_seed)
+        prompts = load_job_prompts(cfg)
         check_distinct(prompts)
         spec = reward_spec(cfg.reward, cfg.reward_options, policy=source)
         reward = build_reward(spec)
@@ -176,3 +164,6 @@ def run(cfg: CalibrateConfig) -> dict:
             "pool_digest": digest_number(fingerprint),
             "tokens_per_s": float(lengths.sum() / max(seconds, 1e-9)),
         }
+
+
+JOB = JobSpec(config=CalibrateConfig, run=run, reproduce_ignore=("*per_s",))

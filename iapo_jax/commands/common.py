@@ -394,10 +394,8 @@ def run_job(job: Any, config: Any, *, run_dir: str | Path | None = None, resume:
     The numbers in the dict ``job.run`` returns become the record's final metrics; ``ctx.status``
     says how it ended ("ok" or "preempted"; other endings raise).
     """
-    from iapo_jax.commands.resume import is_resumable
-
     with JobContext(job.name, config, run_dir, resume=resume, argv=argv,
-                    resumable=is_resumable(job.module)) as ctx:
+                    resumable=job.spec.resumable) as ctx:
         for key, value in (extra or {}).items():
             ctx.record.set_extra(key, value)
         result = job.run(config)

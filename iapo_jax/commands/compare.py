@@ -7,6 +7,7 @@ import sys
 
 from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
 from iapo_jax.evaluation.comparison import CompareConfig
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 from iapo_jax.commands.job_inputs import (
     JobInputError,
@@ -16,8 +17,6 @@ from iapo_jax.commands.job_inputs import (
     reward_spec,
 )
 
-RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
-REPRODUCE_IGNORE = ("*seconds",)  # the training steps' stage timings (StageClock)
 
 
 def run(cfg: CompareConfig) -> dict:
@@ -47,3 +46,8 @@ def run_as(job: str, cfg: CompareConfig) -> dict:
             record_reward(ctx, f"judge_{i}", judge_spec)
         return run_comparison(cfg, ctx, log=lambda msg: print(msg, file=sys.stderr), reward=reward,
                               model_source=source, judges=judges)
+
+
+# Ignored: the training steps' stage timings (StageClock). Records from before the reward floor
+# trained without one.
+JOB = JobSpec(config=CompareConfig, run=run, reproduce_ignore=("*seconds",), record_defaults=RECORDED_WITHOUT_FLOOR)

@@ -35,6 +35,23 @@ class MeshFlags:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptFlags:
+    """Where a job's prompts come from: a file, or the packaged chat questions (see
+    job_inputs.load_job_prompts)."""
+
+    prompts_file: Path | None = None
+    """Prompts, one per line (or .jsonl with {"prompt": ...}); default: packaged chat questions."""
+    prompt_split: Literal["train", "eval", "all"] = "train"
+    """Split of the packaged chat questions (when no --prompts-file)."""
+    prompt_categories: tuple[str, ...] = ()
+    """Restrict the packaged chat questions to these categories (e.g. food science)."""
+    num_prompts: int | None = None
+    """How many prompts (default: all of the file, or 16 chat questions)."""
+    prompt_seed: int = 0
+    """Shuffle seed of the packaged chat questions."""
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadTrainingFlags(MeshFlags):
     """What trains and how, for the jobs that train a scalar-head model (train-rm, train-scorer):
     alignment.head_trainer.HeadTrainConfig's settings as flags, plus the mesh."""
@@ -70,11 +87,11 @@ class HeadTrainingFlags(MeshFlags):
                 if f.name not in ("eval_every", "data", "fsdp", "tensor")}
 
 
-def recorded_config(module: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
+def recorded_config(spec: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
     """A run record's config, with the values that keys added since imply for records written
-    before them (the job module's ``RECORD_DEFAULTS``): an old run resumes and reproduces with the
+    before them (the JobSpec's ``record_defaults``): an old run resumes and reproduces with the
     behaviour it was recorded with, not with a newer default."""
-    return {**getattr(module, "RECORD_DEFAULTS", {}), **dict(recorded or {})}
+    return {**spec.record_defaults, **dict(recorded or {})}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

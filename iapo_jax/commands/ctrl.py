@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR, CTRLConfig
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 from iapo_jax.commands.configs import MeshFlags
 from iapo_jax.commands.job_inputs import (
@@ -23,16 +24,13 @@ from iapo_jax.commands.job_inputs import (
     same_reward,
 )
 
-RESUMABLE = True
-REPRODUCE_IGNORE = ("*seconds",)  # the step's stage timings (StageClock)
-# With the constant learning rate, more steps continue the same run exactly; a cosine schedule
-# decays over --steps, so there nothing may change (see resume_safe).
-RESUME_SAFE = ("steps",)
-RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 def resume_safe(recorded: dict) -> tuple[str, ...]:
-    return () if recorded.get("lr_schedule", "constant") != "constant" else RESUME_SAFE
+    """What a resume may change: steps, unless a cosine schedule decays over them."""
+    return () if recorded.get("lr_schedule", "constant") != "constant" else ("steps",)
+
+
 LAST_METRICS = "last_metrics"  # kept in each checkpoint, so a resume that trains no step reports them
 
 
@@ -237,3 +235,10 @@ def run(cfg: CtrlJobConfig) -> dict:
                 save_hf(trainer.current_policy(), ctx.run_dir / "policy", tokenizer)
                 ctx.fingerprint_output("policy", "policy")
         return {"step": trainer.step, "t": trainer.t or 0.0, **{k: v for k, v in last.items()}}
+
+
+# With the constant learning rate, more steps continue the same run exactly; a cosine schedule
+# decays over --steps, so there nothing may change (resume_safe). Ignored by reproduce: the
+# step's stage timings (StageClock). Records from before the reward floor trained without one.
+JOB = JobSpec(config=CtrlJobConfig, run=run, reproduce_ignore=("*seconds",), resumable=True,
+              resume_safe=("steps",), narrow_resume_safe=resume_safe, record_defaults=RECORDED_WITHOUT_FLOOR)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 
 
@@ -88,3 +89,6 @@ def run(cfg: EnvConfig) -> dict:
                 "python": facts["python"]["version"],
             }, title="environment")
         return {"final_loss": final, "weight_error": float(jnp.linalg.norm(w - true_w))}
+
+
+JOB = JobSpec(config=EnvConfig, run=run)

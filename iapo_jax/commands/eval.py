@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from iapo_jax.errors import IapoError
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 from iapo_jax.commands.job_inputs import (
     JobInputError,
@@ -49,7 +50,6 @@ from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_b
 TABLE_FILE = "win_rates.md"
 JSON_FILE = "win_rates.json"
 BASELINE_SAMPLES = "baseline_samples.jsonl"
-REPRODUCE_IGNORE = ("*per_s",)
 EVAL_STREAM = 0x6576616C  # "eval": folded into the seed
 BASELINE_STREAM = 0x62617365  # "base": the baseline policy's samples, independent of the policy's
 
@@ -399,3 +399,6 @@ def run(cfg: EvalConfig) -> dict:
                              "head_to_head", "head_to_head_ci_low", "head_to_head_ci_high"):
                     metrics[f"{key_}.{name}" if key_ != "baseline" else f"baseline.win_rate.{name}"] = r[key_]
         return metrics
+
+
+JOB = JobSpec(config=EvalConfig, run=run, reproduce_ignore=("*per_s",))

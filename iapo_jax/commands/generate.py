@@ -18,18 +18,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
+from iapo_jax.commands.configs import PromptFlags
 from iapo_jax.commands.job_inputs import (
     JobInputError,
     build_reward,
     check_sampling,
     load_model_and_tokenizer,
-    load_prompts,
+    load_job_prompts,
     record_reward,
     resolve_model_source,
     reward_spec,
@@ -38,11 +39,10 @@ from iapo_jax.commands.job_outputs import SAMPLES_FILE, write_jsonl
 from iapo_jax.commands.prompt_batches import PromptPlan, decoding_mesh, prompt_bucket, run_batches
 
 MODES = ("plain", "bon", "won", "soft-bon", "pruned-bon", "blockwise", "token-cd")
-REPRODUCE_IGNORE = ("*per_s",)
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(PromptFlags):
     """Sample responses: plain, best-of-N, worst-of-N, blockwise or token-level controlled decoding."""
 
     model: str = "smollm2-135m-instruct"
@@ -50,16 +50,8 @@ class GenerateConfig:
     training run directory with an exported policy in policy/."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute and storage dtype of the weights."""
-    prompts_file: Path | None = None
-    """Prompts, one per line (or .jsonl with {"prompt": ...}); default: packaged chat questions."""
     prompt_split: Literal["train", "eval", "all"] = "eval"
     """Split of the packaged chat questions (when no --prompts-file)."""
-    prompt_categories: tuple[str, ...] = ()
-    """Restrict the packaged chat questions to these categories (e.g. food science)."""
-    num_prompts: int | None = None
-    """How many prompts (default: all of the file, or 16 chat questions)."""
-    prompt_seed: int = 0
-    """Shuffle seed of the packaged chat questions."""
     mode: Literal["plain", "bon", "won", "soft-bon", "pruned-bon", "blockwise", "token-cd"] = "plain"
     """plain sampling; bon/won: best/worst of --n by --reward; soft-bon: of --n, response i with
     probability softmax(reward / --lam)_i; pruned-bon: best of --n by --reward, branches pruned
@@ -211,9 +203,7 @@ def run(cfg: GenerateConfig) -> dict:
     check_config(cfg)
     with job_context("generate", cfg) as ctx:
         source = resolve_model_source(cfg.model)
-        prompts = load_prompts(cfg.prompts_file, split=cfg.prompt_split,
-                               categories=cfg.prompt_categories, num_prompts=cfg.num_prompts,
-                               seed=cfg.prompt_seed)
+        prompts = load_job_prompts(cfg)
         reward_of = reward_spec(cfg.reward, cfg.reward_options, policy=source) if cfg.reward else None
         scorer_of = reward_spec(cfg.scorer, flag="--scorer", policy=source) if cfg.scorer else None
         reward = build_reward(reward_of) if reward_of is not None else None
@@ -287,3 +277,6 @@ def run(cfg: GenerateConfig) -> dict:
             metrics["mean_kl_bound"] = float(out["kl_bound"].mean())
             metrics["mean_scorer_value"] = float(out["scorer_value"].mean())
         return metrics
+
+
+JOB = JobSpec(config=GenerateConfig, run=run, reproduce_ignore=("*per_s",))

@@ -62,6 +62,12 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def load_job_prompts(cfg: Any) -> list[str]:
+    """The prompts a job's PromptFlags (commands.configs) name."""
+    return load_prompts(cfg.prompts_file, split=cfg.prompt_split, categories=cfg.prompt_categories,
+                        num_prompts=cfg.num_prompts, seed=cfg.prompt_seed)
+
+
 def load_prompts(prompts_file: Path | None, *, split: str, categories: Sequence[str],
                  num_prompts: int | None, seed: int) -> list[str]:
     """Prompts from ``prompts_file`` (the first ``num_prompts``, default all) or from the packaged

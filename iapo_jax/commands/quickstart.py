@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from iapo_jax.alignment.ctrl_config import RECORDED_WITHOUT_FLOOR
-from iapo_jax.commands.compare import REPRODUCE_IGNORE  # noqa: F401  (a compare's timings)
+from iapo_jax.commands.compare import JOB as COMPARE_JOB
+from iapo_jax.commands.compare import run_as
 from iapo_jax.evaluation.comparison import CompareConfig
-
-RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +33,8 @@ class QuickstartConfig(CompareConfig):
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from iapo_jax.commands.compare import run_as
-
     return run_as("quickstart", cfg)
+
+
+# A compare with other defaults: the same timings ignored, the same old records without a floor.
+JOB = dataclasses.replace(COMPARE_JOB, config=QuickstartConfig, run=run)

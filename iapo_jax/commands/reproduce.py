@@ -22,10 +22,10 @@ from typing import Any
 import tyro
 
 from iapo_jax.errors import IapoError
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import run_job
 from iapo_jax.commands.configs import ConfigError, config_from_mapping, recorded_config
 
-MANAGES_RUN_DIR = True  # the CLI passes --run-dir to run() instead of opening a JobContext
 
 
 class ReproduceMismatch(Exception):
@@ -49,7 +49,7 @@ class ReproduceConfig:
     """Absolute tolerance added to rtol for values near zero (also only across machines)."""
     ignore: tuple[str, ...] = ()
     """Metric-name patterns (fnmatch, e.g. '*_seconds') not to compare, on top of the job's own
-    REPRODUCE_IGNORE (timings and other numbers that vary between runs)."""
+    reproduce_ignore (timings and other numbers that vary between runs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +215,7 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
         raise NotReproducibleError("a reproduce record has nothing to rerun; pass the original run")
     try:
         job = load_job(old["job"])
-        config = config_from_mapping(job.config_type, recorded_config(job.module, old.get("config")))
+        config = config_from_mapping(job.config_type, recorded_config(job.spec, old.get("config")))
     except (UnknownJobError, ConfigError) as err:
         raise NotReproducibleError(f"cannot rerun {cfg.source}: {err}") from None
 
@@ -239,7 +239,7 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
     old_rows, new_rows = read_metrics(cfg.source), read_metrics(ctx.run_dir)
     checks = inputs + compare_metrics(old.get("metrics") or {}, new.get("metrics") or {}, rtol, atol)
     checks += compare_series(old_rows, new_rows, rtol, atol) + outputs
-    patterns = tuple(cfg.ignore) + tuple(getattr(job.module, "REPRODUCE_IGNORE", ()))
+    patterns = tuple(cfg.ignore) + tuple(job.spec.reproduce_ignore)
     checks = [c for c in checks if c.name.startswith(("fingerprint ", "data "))
               or not any(fnmatch.fnmatchcase(c.metric, p) for p in patterns)]
     failed = [c for c in checks if not c.ok]
@@ -281,3 +281,6 @@ def run(cfg: ReproduceConfig, run_dir: Path | None = None) -> dict:
             f"{detail}{step}; the rerun is in {ctx.run_dir}"
         )
     return {"checks": len(checks), "mismatches": 0, "run_dir": str(ctx.run_dir)}
+
+
+JOB = JobSpec(config=ReproduceConfig, run=run, manages_run_dir=True)  # run(cfg, run_dir=...) records itself

@@ -1,8 +1,8 @@
 """``--resume``: continue the run recorded in ``--run-dir``, with the config from its record.
 
-Only jobs that checkpoint (module attribute ``RESUMABLE = True``) resume. The record's config is
-the starting point; flags given with ``--resume`` may change only the keys the job lists in
-``RESUME_SAFE`` (``steps`` may only grow), because anything else would make the continued run a
+Only jobs that checkpoint (``JobSpec.resumable``) resume. The record's config is the starting
+point; flags given with ``--resume`` may change only the keys the job lists in
+``JobSpec.resume_safe`` (``steps`` may only grow), because anything else would make the continued run a
 different run. ``--allow-changes`` lets other changes through on purpose; the record then lists
 them under ``extra.allowed_changes`` (with the checkpoint they started from), since the continued
 run is no longer the one that was started. Every check here reads the record only, so a refusal
@@ -21,16 +21,12 @@ class ResumeError(IapoError, ValueError):
     """The run cannot be resumed as asked (another job, changed settings, not a run)."""
 
 
-def is_resumable(module: Any) -> bool:
-    return bool(getattr(module, "RESUMABLE", False))
-
-
-def safe_keys(module: Any, recorded: dict | None = None) -> tuple[str, ...]:
-    """Keys a resume may change; a module's ``resume_safe(recorded_config)`` can narrow them."""
-    rule = getattr(module, "resume_safe", None)
-    if callable(rule) and recorded is not None:
-        return tuple(rule(recorded))
-    return tuple(getattr(module, "RESUME_SAFE", ()))
+def safe_keys(spec: Any, recorded: dict | None = None) -> tuple[str, ...]:
+    """Keys a resume may change (a JobSpec's resume_safe, narrowed by its narrow_resume_safe of the
+    recorded config where it has one)."""
+    if spec.narrow_resume_safe is not None and recorded is not None:
+        return tuple(spec.narrow_resume_safe(recorded))
+    return tuple(spec.resume_safe)
 
 
 def load_previous(job: str, run_dir: Path | None) -> dict:
@@ -75,14 +71,14 @@ def changed_keys(recorded: Any, config: Any) -> dict[str, tuple[Any, Any]]:
             if old.get(k) != new.get(k)}
 
 
-def check_changes(module: Any, job: str, recorded: Any, config: Any, *, allow: bool = False
+def check_changes(spec: Any, job: str, recorded: Any, config: Any, *, allow: bool = False
                   ) -> dict[str, tuple[Any, Any]]:
     """Refuse a resume that changes anything but the job's safe keys (unless ``allow``, from
     --allow-changes); returns the changes."""
     changes = changed_keys(recorded, config)
-    refused = unsafe_changes(module, recorded, changes)
+    refused = unsafe_changes(spec, recorded, changes)
     if refused and not allow:
-        safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
+        safe = safe_keys(spec, recorded if isinstance(recorded, dict) else None)
         listed = "; ".join(f"--{k.replace('_', '-')} recorded {old!r}, now {new!r}"
                            for k, (old, new) in refused.items())
         allowed = (f" (only {', '.join('--' + k.replace('_', '-') for k in safe)} may change)"
@@ -99,22 +95,22 @@ def check_changes(module: Any, job: str, recorded: Any, config: Any, *, allow: b
     return changes
 
 
-def unsafe_changes(module: Any, recorded: Any, changes: dict[str, tuple[Any, Any]]
+def unsafe_changes(spec: Any, recorded: Any, changes: dict[str, tuple[Any, Any]]
                    ) -> dict[str, tuple[Any, Any]]:
     """The changes outside the job's safe keys (those that make the continued run another run)."""
-    safe = safe_keys(module, recorded if isinstance(recorded, dict) else None)
+    safe = safe_keys(spec, recorded if isinstance(recorded, dict) else None)
     return {k: v for k, v in changes.items() if k not in safe}
 
 
 ALLOWED_CHANGES = "allowed_changes"  # the record's extra: what --allow-changes let through
 
 
-def allowed_changes_extra(module: Any, record: dict, changes: dict[str, tuple[Any, Any]]
+def allowed_changes_extra(spec: Any, record: dict, changes: dict[str, tuple[Any, Any]]
                           ) -> dict[str, Any]:
     """The record's note of the changes --allow-changes let through, this attempt's added to
     earlier ones, so the record says the run is not the one that was started."""
     earlier = list((record.get("extra") or {}).get(ALLOWED_CHANGES, []))
-    unsafe = unsafe_changes(module, record.get("config"), changes)
+    unsafe = unsafe_changes(spec, record.get("config"), changes)
     if not unsafe:
         return {ALLOWED_CHANGES: earlier} if earlier else {}
     step = max(record.get("checkpoints") or [0])
@@ -128,10 +124,10 @@ def nothing_to_do(record: dict, changes: dict) -> bool:
     return record.get("status") == "ok" and not changes
 
 
-def noop_message(job: str, run_dir: Path, record: dict, module: Any) -> str:
+def noop_message(job: str, run_dir: Path, record: dict, spec: Any) -> str:
     steps = (record.get("config") or {}).get("steps")
     more = (f"; pass --steps above {steps} to train on"
-            if "steps" in safe_keys(module, record.get("config") or {})
+            if "steps" in safe_keys(spec, record.get("config") or {})
             and isinstance(steps, int) else "")
     return (f"iapo {job}: {run_dir} already finished"
             + (f" all {steps} steps" if isinstance(steps, int) else "")

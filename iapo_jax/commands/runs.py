@@ -18,9 +18,8 @@ from typing import Annotated, Any
 import tyro
 
 from iapo_jax.errors import IapoError
+from iapo_jax.commands import JobSpec
 
-RECORDLESS = True  # reads records, writes none: no --run-dir, --config, --resume
-SINGLE_PROCESS = True
 MANIFEST = "manifest.json"  # as runtime.manifest.MANIFEST (not imported: that pulls in JAX)
 
 # The settings worth a column, per job (others: the first few of the record's config).
@@ -230,3 +229,6 @@ def run(cfg: RunsConfig) -> int:
         print(f"iapo runs: {len(unreadable)} folder(s) with an unreadable manifest.json skipped "
               f"({names})", file=sys.stderr)
     return 0
+
+
+JOB = JobSpec(config=RunsConfig, run=run, recordless=True, single_process=True)  # reads records, writes none

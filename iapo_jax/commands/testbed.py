@@ -30,13 +30,12 @@ from iapo_jax.alignment.ctrl_config import (
     CTRLConfig,
     check_reward_floor_nats,
 )
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import current_context
 from iapo_jax.commands.job_inputs import JobInputError
 
-REPRODUCE_IGNORE = ("*seconds",)
 TRANSFORMS = ("identity", "exp", "negexp", "log", "raw")
 OPTION_NAMES = ("rloo", "ppo", "kl_in_loss")
-RECORD_DEFAULTS = RECORDED_WITHOUT_FLOOR  # records from before the reward floor: no floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +188,7 @@ if __name__ == "__main__":
     import tyro
 
     run(tyro.cli(TestbedConfig))
+
+
+JOB = JobSpec(config=TestbedConfig, run=run, reproduce_ignore=("*seconds",),
+              record_defaults=RECORDED_WITHOUT_FLOOR)  # records from before the reward floor: no floor

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from iapo_jax.theory.settings import check_setting
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import current_context
 from iapo_jax.commands.job_inputs import check_output_file
 from iapo_jax.commands.job_outputs import write_text
@@ -27,7 +28,6 @@ from iapo_jax.commands.job_outputs import write_text
 DEFAULT_TRANSFORM = {"sampling": "identity", "bon": "exp", "won": "negexp", "soft_bon": "exp"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 RESULT_FILE = "theory.json"
-SINGLE_PROCESS = True  # closed forms: nothing to spread over processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +132,6 @@ if __name__ == "__main__":
     import tyro
 
     run(tyro.cli(TheoryConfig))
+
+
+JOB = JobSpec(config=TheoryConfig, run=run, single_process=True)  # closed forms: nothing to spread

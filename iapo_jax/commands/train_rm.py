@@ -23,6 +23,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 from iapo_jax.commands.configs import HeadTrainingFlags
 from iapo_jax.commands.job_inputs import (
@@ -38,11 +39,6 @@ from iapo_jax.commands.job_inputs import (
 
 TRAIN_PAIRS, EVAL_PAIRS = "pairs_train.jsonl", "pairs_eval.jsonl"
 TRAIN_EVAL_PAIRS = 1024  # training pairs scored at the end to report the fit
-REPRODUCE_IGNORE = ("*per_s", "*seconds")
-RESUMABLE = True
-# Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
-# steps would make the continued run differ from any uninterrupted one.
-RESUME_SAFE: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,3 +289,8 @@ def _accuracy_on_clear_pairs(scores, gap) -> float:
     keep = gap >= np.median(gap)
     right = np.where(rc > rr, 1.0, np.where(rc == rr, 0.5, 0.0))
     return float(right[keep].mean())
+
+
+# Nothing may change on --resume (resume_safe empty): the learning-rate schedule decays over
+# --steps, so even more steps would make the continued run differ from any uninterrupted one.
+JOB = JobSpec(config=TrainRMConfig, run=run, reproduce_ignore=("*per_s", "*seconds"), resumable=True)

@@ -21,6 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from iapo_jax.commands import JobSpec
 from iapo_jax.commands.common import job_context
 from iapo_jax.commands.configs import HeadTrainingFlags
 from iapo_jax.commands.job_inputs import (
@@ -35,13 +36,8 @@ from iapo_jax.commands.job_inputs import (
     reward_spec,
 )
 
-RESUMABLE = True
-# Nothing may change on --resume: the learning-rate schedule decays over --steps, so even more
-# steps would make the continued run differ from any uninterrupted one.
-RESUME_SAFE: tuple[str, ...] = ()
 
 TRAIN_ROLLOUTS, EVAL_ROLLOUTS = "rollouts_train.npz", "rollouts_eval.npz"
-REPRODUCE_IGNORE = ("*per_s", "*seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +234,8 @@ def run(cfg: TrainScorerConfig) -> dict:
             ctx.record.set_extra("blockwise_cd", wr)
             result.update({f"blockwise_{k}": v for k, v in wr.items()})
         return result
+
+
+# Nothing may change on --resume (resume_safe empty): the learning-rate schedule decays over
+# --steps, so even more steps would make the continued run differ from any uninterrupted one.
+JOB = JobSpec(config=TrainScorerConfig, run=run, reproduce_ignore=("*per_s", "*seconds"), resumable=True)

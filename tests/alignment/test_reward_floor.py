@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from iapo_jax.alignment.ctrl import CTRLTrainer, floored, reward_floor, transform_top, unit_range_transform
+from iapo_jax.alignment.ctrl import CTRLTrainer, floored, reward_floor
 from iapo_jax.alignment.ctrl_config import CTRLConfig
+from iapo_jax.rewards.transforms import transform_top, unit_range_transform
 from iapo_jax.testbed import exact
 from iapo_jax.testbed import run as testbed_run
 from iapo_jax.testbed.setting import build_setting, spec_for
@@ -118,8 +119,8 @@ def test_records_from_before_the_floor_resume_and_reproduce_without_it():
 
     for name in ("ctrl", "compare", "quickstart", "testbed"):
         job = load_job(name)
-        old = config_from_mapping(job.config_type, recorded_config(job.module, {"steps": 3}))
+        old = config_from_mapping(job.config_type, recorded_config(job.spec, {"steps": 3}))
         assert old.reward_floor_nats is None, name
-        kept = config_from_mapping(job.config_type, recorded_config(job.module, {"reward_floor_nats": 15.0}))
+        kept = config_from_mapping(job.config_type, recorded_config(job.spec, {"reward_floor_nats": 15.0}))
         assert kept.reward_floor_nats == 15.0, name
         assert job.config_type().reward_floor_nats == 15.0, name  # new runs get the floor

@@ -4,6 +4,7 @@ Jobs run in-process through ``cli.main`` (the `env` job: a seeded sharded least-
 whole file takes seconds. One test starts a real interpreter to check `iapo --help` stays light.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_internal_errors_exit_1_and_are_recorded(capsys, in_tmp, monkeypatch):
     def broken(cfg):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(env, "run", broken)
+    monkeypatch.setattr(env, "JOB", dataclasses.replace(env.JOB, run=broken))
     code, _, err = run_cli(capsys, "env", "--run-dir", "broken")
     assert code == 1
     assert "Traceback" in err and "kaput" in err

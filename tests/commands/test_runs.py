@@ -3,6 +3,7 @@
 fit, a second each) and a ctrl record written by RunRecord, all in-process through ``cli.main``.
 """
 
+import dataclasses
 import io
 import json
 
@@ -122,7 +123,7 @@ def test_resume_with_changed_settings_refuses_unless_allowed_and_records_it(
         seen["cfg"] = cfg
         return {"step": cfg.steps}
 
-    monkeypatch.setattr(ctrl, "run", fake_run)
+    monkeypatch.setattr(ctrl, "JOB", dataclasses.replace(ctrl.JOB, run=fake_run))
     args = ("ctrl", "--run-dir", run_dir, "--resume", "--learning-rate", "2e-3", "--max-new-tokens", "16")
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err

@@ -7,6 +7,7 @@ that the record and the checkpoints stay valid; the ctrl rows also check that a 
 an uninterrupted one bit for bit and that `iapo reproduce` confirms it.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -167,7 +168,7 @@ def test_resume_takes_the_config_from_the_record(capsys, finished_record, monkey
         seen["cfg"] = cfg
         return {"step": cfg.steps}
 
-    monkeypatch.setattr(ctrl, "run", fake_run)
+    monkeypatch.setattr(ctrl, "JOB", dataclasses.replace(ctrl.JOB, run=fake_run))
     code, _, err = _cli(capsys, "ctrl", "--run-dir", finished_record, "--resume", "--steps", "6")
     assert code == 0, err
     assert seen["cfg"].reward == "length" and seen["cfg"].max_new_tokens == 8
@@ -187,7 +188,7 @@ def test_a_resume_that_fails_before_new_state_leaves_the_record_untouched(
         current_context().log(STEPS + 1, loss=1.0)  # it got somewhere, but saved nothing new
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ctrl, "run", broken)
+    monkeypatch.setattr(ctrl, "JOB", dataclasses.replace(ctrl.JOB, run=broken))
     before = _digest(finished_record / MANIFEST)
     code, _, err = _cli(capsys, "ctrl", "--run-dir", finished_record, "--resume", "--steps", "6")
     assert code == 1 and "disk on fire" in err
