@@ -187,16 +187,28 @@ class JobContext:
             leaf = name.rsplit(".", 1)[-1]
             if (leaf == "seed" or leaf.endswith("_seed")) and isinstance(value, int):
                 self.record.add_seed(name, value)
+        # The handler goes in before the record is written: a SIGTERM that finds the record (a
+        # scheduler, or a test, waiting for it) must find the handler too, not the default one.
+        self._signals = signals.install()
         try:
             with _unwritable(self.run_dir):
                 self.metrics = MetricsWriter(self.run_dir, tensorboard=self._tensorboard)
-                self.record.write()
-        except RunDirError:
-            if self._created_dir and self.is_main:  # leave nothing half-made behind
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                with signals.shield():  # a notice during the write only sets the flag (below)
+                    self.record.write()
+        except BaseException as exc:
+            if self._signals:
+                signals.uninstall()
+                self._signals = False
+            if isinstance(exc, RunDirError) and self._created_dir and self.is_main:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # leave nothing half-made behind
             raise
-        self._signals = signals.install()
         self._token = _current.set(self)
+        try:
+            if signals.requested():  # the notice came while the record was being written
+                raise signals.Preempted("preempted by SIGTERM before the job started")
+        except signals.Preempted as exc:  # the job never ran: its record still says so
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
