@@ -37,8 +37,12 @@ class Registry(Generic[T]):
 
     def _loaded(self) -> dict[str, T]:
         if self._on_first_lookup is not None:
-            load, self._on_first_lookup = self._on_first_lookup, None
-            load()
+            load, self._on_first_lookup = self._on_first_lookup, None  # a lookup inside load sees no loop
+            try:
+                load()
+            except BaseException:
+                self._on_first_lookup = load  # a failed import is retried at the next lookup
+                raise
         return self._items
 
     def get(self, name: str) -> T:
