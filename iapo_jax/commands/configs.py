@@ -83,8 +83,9 @@ class HeadTrainingFlags(MeshFlags):
 
     def head_train_settings(self) -> dict[str, Any]:
         """The keyword arguments of HeadTrainConfig these flags set (eval_every is the job's)."""
+        mesh = {f.name for f in dataclasses.fields(MeshFlags)}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(HeadTrainingFlags)
-                if f.name not in ("eval_every", "data", "fsdp", "tensor")}
+                if f.name not in mesh and f.name != "eval_every"}
 
 
 def recorded_config(spec: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
